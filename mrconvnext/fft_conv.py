@@ -1,0 +1,124 @@
+"""Depthwise long convolution with FFTs in O(L log L) (MRConv paper, Section 3.4).
+
+Kernel layout
+-------------
+A *causal* kernel ``k`` of shape ``(D, K)`` applies ``k[:, j]`` at lag ``j``::
+
+    y[t] = sum_{j=0}^{K-1} k[j] * u[t - j]                       (lags 0 .. K-1)
+
+A *bidirectional* kernel has shape ``(2, D, K)``: ``k[0]`` is the causal kernel above and
+``k[1]`` is the anti-causal kernel, applied at the negative lags ``-1 .. -K`` (the S4
+convention; lag 0 belongs to the causal half only)::
+
+    y[t] = sum_j k[0, j] * u[t - j] + sum_j k[1, j] * u[t + 1 + j]
+
+Inputs outside ``[0, L)`` are zero. A kernel longer than the input is cut (taps beyond lag
+``L - 1`` never reach an output); a shorter one is implicitly zero-padded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fft_conv", "fft_length", "kernel_spectrum", "fft_conv_spectrum", "next_fast_length"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=4096)
+def next_fast_length(n: int) -> int:
+    """Smallest integer >= ``n`` whose prime factors are 2, 3 and 5 (fast for pocketfft and cuFFT)."""
+    if n <= 1:
+        return 1
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def fft_length(seq_len: int, kernel_len: int, bidirectional: bool) -> int:
+    """FFT length for which circular wrap-around cannot reach outputs ``[0, seq_len)``.
+
+    Causal taps reach lags ``0 .. Kc-1`` and anti-causal ones ``-1 .. -Ka`` (both cut to the
+    input). Positive lags up to ``L-1`` must not meet the anti-causal block at the end of the
+    buffer (``n >= L + Ka``) and negative lags down to ``-(L-1)`` must not meet the causal
+    block (``n >= L + Kc - 1``).
+    """
+    causal_len = min(kernel_len, seq_len)
+    anticausal_len = min(kernel_len, seq_len - 1) if bidirectional else 0
+    return next_fast_length(seq_len + max(anticausal_len, causal_len - 1))
+
+
+def _check_kernel(u: torch.Tensor, k: torch.Tensor, bidirectional: bool) -> None:
+    if u.ndim != 3:
+        raise ValueError(f"fft_conv expects u of shape (B, D, L), got shape {tuple(u.shape)}")
+    expected_ndim = 3 if bidirectional else 2
+    if k.ndim != expected_ndim or k.shape[-2] != u.shape[1] or (bidirectional and k.shape[0] != 2):
+        layout = "(2, D, K)" if bidirectional else "(D, K)"
+        raise ValueError(
+            f"fft_conv expects a {'bidirectional' if bidirectional else 'causal'} kernel of shape {layout} "
+            f"with D={u.shape[1]}, got shape {tuple(k.shape)}"
+        )
+    if not (u.is_floating_point() and k.is_floating_point()):
+        raise TypeError(f"fft_conv expects floating-point tensors, got u: {u.dtype}, k: {k.dtype}")
+
+
+def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
+    """Real FFT (length ``n``) of kernels embedded in a circular buffer.
+
+    ``k`` is ``(*, D, K)`` (causal) or ``(*, 2, D, K)`` (bidirectional, see module docstring).
+    The causal half sits at positions ``0 .. Kc-1``; the anti-causal half is flipped into the
+    last ``Ka`` positions so that ``k[1, j]`` lands on circular lag ``-(j + 1)``.
+    Returns a complex tensor ``(*, D, n // 2 + 1)``.
+    """
+    if bidirectional:
+        causal = k.select(-3, 0)[..., :seq_len]
+        anticausal = k.select(-3, 1)[..., : max(seq_len - 1, 0)]
+        buffer = F.pad(causal, (0, n - causal.shape[-1]))
+        if anticausal.shape[-1] > 0:
+            buffer = buffer + F.pad(anticausal.flip(-1), (n - anticausal.shape[-1], 0))
+    else:
+        causal = k[..., :seq_len]
+        buffer = F.pad(causal, (0, n - causal.shape[-1]))
+    return torch.fft.rfft(buffer, n=n)
+
+
+def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+    """Convolve ``u`` ``(B, D, L)`` with a kernel given by its length-``n`` spectrum ``(D, n//2+1)``."""
+    seq_len = u.shape[-1]
+    u_f = torch.fft.rfft(u, n=n)
+    return torch.fft.irfft(u_f * k_f, n=n)[..., :seq_len]
+
+
+def fft_conv(u: torch.Tensor, k: torch.Tensor, bidirectional: bool = False) -> torch.Tensor:
+    """Depthwise long convolution ``y = k * u`` computed with real FFTs.
+
+    Args:
+        u: input ``(B, D, L)``.
+        k: kernel ``(D, K)`` if causal, ``(2, D, K)`` if ``bidirectional`` (see module docstring).
+        bidirectional: whether ``k`` carries an anti-causal half.
+
+    Returns ``(B, D, L)`` in the dtype of ``u``. Half-precision inputs (and autocast regions)
+    are computed in float32, since cuFFT's half precision only takes power-of-two sizes and
+    long sums lose accuracy.
+    """
+    _check_kernel(u, k, bidirectional)
+    out_dtype = u.dtype
+    compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
+    seq_len = u.shape[-1]
+    n = fft_length(seq_len, k.shape[-1], bidirectional)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        k_f = kernel_spectrum(k.to(compute_dtype), seq_len, n, bidirectional)
+        y = fft_conv_spectrum(u.to(compute_dtype), k_f, n)
+    return y.to(out_dtype)

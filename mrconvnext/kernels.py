@@ -1,0 +1,209 @@
+"""Sub-kernel parameterizations of MRConv (paper Section 3.3).
+
+Each module holds the parameters of all ``N`` resolutions of one layer and returns, on call,
+the list of sub-kernels ``k_i`` of shape ``(num_directions, D, lengths[i])``. Resolution ``i``
+has a *nominal* length ``l_0 * 2^i`` (its resolution) and an *actual* length cut to the
+sequence length the layer is planned for. All random structure lives in persistent buffers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "KERNEL_TYPES",
+    "SubKernels",
+    "DenseKernel",
+    "DilatedKernel",
+    "FourierKernel",
+    "SparseKernel",
+    "FourierSparseKernel",
+    "create_kernel",
+]
+
+
+class SubKernels(nn.Module):
+    """Base class: bookkeeping of lengths shared by every parameterization."""
+
+    resamplable = False
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        lengths: list[int],
+        nominal_lengths: list[int],
+        num_directions: int,
+    ) -> None:
+        super().__init__()
+        if len(lengths) != len(nominal_lengths):
+            raise ValueError("lengths and nominal_lengths must have one entry per resolution")
+        self.dim = dim
+        self.kernel_size = kernel_size
+        self.lengths = list(lengths)
+        self.nominal_lengths = list(nominal_lengths)
+        self.num_directions = num_directions
+
+    @property
+    def num_resolutions(self) -> int:
+        return len(self.lengths)
+
+    def _check_rate(self, rate: float) -> None:
+        if rate != 1 and not self.resamplable:
+            raise ValueError(
+                f"{type(self).__name__} is not a continuous parameterization and cannot be resampled "
+                f"(rate={rate}); only 'fourier' kernels support rate != 1"
+            )
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kernel_size={self.kernel_size}, lengths={self.lengths}"
+
+
+class DenseKernel(SubKernels):
+    """Free taps: ``l_i`` parameters per channel at resolution ``i`` (the paper's dense ablation)."""
+
+    def __init__(self, dim, kernel_size, lengths, nominal_lengths, num_directions) -> None:
+        super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(num_directions, dim, n) / math.sqrt(n)) for n in lengths]
+        )
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        self._check_rate(rate)
+        return list(self.weights)
+
+
+class DilatedKernel(SubKernels):
+    """``l_0`` taps with dilation ``2^i`` (Eq. 14); taps beyond a cut length are dropped."""
+
+    def __init__(self, dim, kernel_size, lengths, nominal_lengths, num_directions) -> None:
+        super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        num_res = len(lengths)
+        self.weight = nn.Parameter(torch.randn(num_res, num_directions, dim, kernel_size) / math.sqrt(kernel_size))
+
+    def dilation(self, index: int) -> int:
+        return max(1, self.nominal_lengths[index] // self.kernel_size)
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        self._check_rate(rate)
+        kernels = []
+        for i, length in enumerate(self.lengths):
+            dilation = self.dilation(i)
+            taps = min(self.kernel_size, (length - 1) // dilation + 1)
+            k = self.weight.new_zeros(self.num_directions, self.dim, length)
+            k[..., : taps * dilation : dilation] = self.weight[i, ..., :taps]
+            kernels.append(k)
+        return kernels
+
+
+class FourierKernel(SubKernels):
+    """``ceil(l_0 / 2)`` complex low-frequency modes, zero-padded and inverse-FFT'd (Eq. 15).
+
+    The kernel is ``k[t] = sum_f c_f exp(2 pi i f t / l_i)`` (``irfft`` with ``norm="forward"``):
+    a band-limited function sampled ``l_i`` times, so its amplitude does not shrink with
+    length and it can be re-sampled at another rate without aliasing (see ``forward``).
+    """
+
+    resamplable = True
+
+    def __init__(self, dim, kernel_size, lengths, nominal_lengths, num_directions) -> None:
+        super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        self.num_modes = math.ceil(kernel_size / 2)
+        std = 1.0 / math.sqrt(2 * self.num_modes)
+        self.modes = nn.Parameter(torch.randn(len(lengths), num_directions, dim, self.num_modes, 2) * std)
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        """Sub-kernels sampled at ``1 / rate`` times the training rate.
+
+        ``rate=2`` evaluates the same continuous kernel on every second sample (for inputs
+        decimated by 2): modes above the new Nyquist frequency are dropped (no aliasing) and
+        the kernel is scaled by ``rate`` so that ``sum_t k[t] u[t]`` keeps approximating the
+        same integral.
+        """
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        coeffs = torch.view_as_complex(self.modes)
+        kernels = []
+        for i, (length, nominal) in enumerate(zip(self.lengths, self.nominal_lengths, strict=True)):
+            n = max(1, round(nominal / rate))
+            keep = min(self.num_modes, (n + 1) // 2)  # strictly below Nyquist: nothing aliases
+            k = torch.fft.irfft(coeffs[i, ..., :keep], n=n, norm="forward")
+            if rate != 1:
+                k = k * rate
+            kernels.append(k[..., : max(1, round(length / rate))])
+        return kernels
+
+
+class SparseKernel(SubKernels):
+    """``l_0`` taps at random positions drawn once, without replacement, in ``[0, l_i)`` (Eq. 16).
+
+    Positions are drawn per channel and direction from torch's global generator and kept in
+    the persistent buffer ``positions`` so they survive save/load.
+    """
+
+    def __init__(self, dim, kernel_size, lengths, nominal_lengths, num_directions) -> None:
+        super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        num_res = len(lengths)
+        self.weight = nn.Parameter(torch.randn(num_res, num_directions, dim, kernel_size) / math.sqrt(kernel_size))
+        positions = torch.stack(
+            [torch.rand(num_directions, dim, n).argsort(dim=-1)[..., :kernel_size] for n in lengths]
+        )
+        self.register_buffer("positions", positions.sort(dim=-1).values, persistent=True)
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        self._check_rate(rate)
+        kernels = []
+        for i, length in enumerate(self.lengths):
+            k = self.weight.new_zeros(self.num_directions, self.dim, length)
+            kernels.append(k.scatter(-1, self.positions[i], self.weight[i]))
+        return kernels
+
+
+class FourierSparseKernel(SubKernels):
+    """Fourier and sparse kernels of equal length merged with per-channel scales (Eq. 9).
+
+    ``k_i = beta_f[i] * fourier_i + beta_s[i] * sparse_i``: linear rescaling, so the two are
+    merged during training and each resolution costs one convolution.
+    """
+
+    def __init__(self, dim, kernel_size, lengths, nominal_lengths, num_directions) -> None:
+        super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        self.fourier = FourierKernel(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        self.sparse = SparseKernel(dim, kernel_size, lengths, nominal_lengths, num_directions)
+        self.scale = nn.Parameter(torch.ones(2, len(lengths), num_directions, dim, 1))
+
+    def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
+        self._check_rate(rate)
+        fourier, sparse = self.fourier(), self.sparse()
+        return [
+            self.scale[0, i] * f + self.scale[1, i] * s for i, (f, s) in enumerate(zip(fourier, sparse, strict=True))
+        ]
+
+
+KERNEL_TYPES: dict[str, type[SubKernels]] = {
+    "dense": DenseKernel,
+    "dilated": DilatedKernel,
+    "fourier": FourierKernel,
+    "sparse": SparseKernel,
+    "fourier_sparse": FourierSparseKernel,
+}
+
+
+def create_kernel(
+    kernel_type: str,
+    dim: int,
+    kernel_size: int,
+    lengths: list[int],
+    nominal_lengths: list[int],
+    num_directions: int,
+) -> SubKernels:
+    """Build the sub-kernel module named ``kernel_type`` (one of ``KERNEL_TYPES``)."""
+    if kernel_type not in KERNEL_TYPES:
+        raise ValueError(f"unknown kernel_type {kernel_type!r}; expected one of {sorted(KERNEL_TYPES)}")
+    return KERNEL_TYPES[kernel_type](dim, kernel_size, lengths, nominal_lengths, num_directions)

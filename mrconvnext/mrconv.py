@@ -1,0 +1,286 @@
+"""MRConv: reparameterized multi-resolution long convolutions (MRConv paper, Section 3).
+
+Train form (``combine='sum'``, Eq. 12)::
+
+    y = sum_i alpha_i * BN_i(k_i * u)            k_i of length l_0 * 2^i, i = 0 .. N-1
+
+Deploy form (Eq. 13, BN folded with Eq. 18)::
+
+    y = k_rep * u + b,   k_rep = sum_i alpha_i gamma_i / sigma_i * pad(k_i),
+                         b     = sum_i alpha_i (beta_i - gamma_i mu_i / sigma_i)
+
+``combine='concat'`` is the Path-X variant (Appendix D.2.3) that follows SGConv's Eq. 1:
+sub-kernels of lengths ``l_0 * 2^max(i-1, 0)`` are scaled by a fixed ``decay^i``,
+concatenated in time and divided by their norm at construction (no BN, no alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fft_conv import _HALF_DTYPES, fft_conv, fft_length, kernel_spectrum
+from .kernels import KERNEL_TYPES, SubKernels, create_kernel
+
+__all__ = ["MRConv", "MRConv2d", "BranchBatchNorm", "resolution_lengths", "COMBINE_MODES"]
+
+COMBINE_MODES = ("sum", "concat")
+
+
+def resolution_lengths(
+    seq_len: int, kernel_size: int, max_resolutions: int | None = None, combine: str = "sum"
+) -> tuple[list[int], list[int]]:
+    """Actual and nominal sub-kernel lengths for a layer planned for ``seq_len``.
+
+    ``N = ceil(log2(seq_len / l_0)) + 1`` resolutions (Section 3.2), capped by
+    ``max_resolutions``. With ``combine='sum'`` resolution ``i`` has nominal length
+    ``l_0 * 2^i`` and is cut to ``seq_len``; with ``'concat'`` segment ``i`` has length
+    ``l_0 * 2^max(i-1, 0)`` (SGConv Eq. 1), so the segments add up to ``l_0 * 2^(N-1)``.
+    """
+    num_res = 1
+    while kernel_size * 2 ** (num_res - 1) < seq_len:
+        num_res += 1
+    if max_resolutions is not None:
+        num_res = min(num_res, max_resolutions)
+    if combine == "concat":
+        nominal = [kernel_size * 2 ** max(i - 1, 0) for i in range(num_res)]
+        return list(nominal), nominal
+    nominal = [kernel_size * 2**i for i in range(num_res)]
+    return [min(n, seq_len) for n in nominal], nominal
+
+
+class BranchBatchNorm(nn.Module):
+    """``N`` independent BatchNorms over ``D`` channels, stored stacked as ``(N, D)`` tensors.
+
+    Applied in one ``F.batch_norm`` call to branch outputs of shape ``(B, N, D, L)``; running
+    statistics are updated in place through views of the stacked buffers.
+    """
+
+    def __init__(self, num_branches: int, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_branches = num_branches
+        self.dim = dim
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_branches, dim))
+        self.bias = nn.Parameter(torch.zeros(num_branches, dim))
+        self.register_buffer("running_mean", torch.zeros(num_branches, dim))
+        self.register_buffer("running_var", torch.ones(num_branches, dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, branches, dim, length = x.shape
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(
+            x.reshape(batch, branches * dim, length),
+            self.running_mean.view(-1),
+            self.running_var.view(-1),
+            self.weight.reshape(-1).to(x.dtype),
+            self.bias.reshape(-1).to(x.dtype),
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        return out.view(batch, branches, dim, length)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-branch ``(scale, shift)`` of the eval-mode affine map, Eq. 18."""
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def extra_repr(self) -> str:
+        return f"num_branches={self.num_branches}, dim={self.dim}, eps={self.eps}, momentum={self.momentum}"
+
+
+class MRConv(nn.Module):
+    """Depthwise multi-resolution global convolution over ``(B, dim, L)`` sequences.
+
+    Args:
+        dim: channels ``D``.
+        seq_len: training length the resolutions are planned for.
+        kernel_size: ``l_0``, length of the first sub-kernel (``1 <= l_0 <= seq_len``).
+        kernel_type: ``'dense' | 'dilated' | 'fourier' | 'sparse' | 'fourier_sparse'``.
+        bidirectional: add an anti-causal kernel per resolution (lags ``-1 .. -l_i``), so every
+            output sees the whole sequence; otherwise causal (lags ``0 .. l_i - 1``).
+        max_resolutions: cap on the number of resolutions ``N``.
+        combine: ``'sum'`` (Eq. 12, BN per resolution and learned alpha) or ``'concat'``
+            (SGConv-style concatenation with fixed ``decay``, the Path-X variant).
+        decay: fixed decay factor per segment for ``combine='concat'``.
+        deploy: build the reparameterized single-kernel form directly.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        kernel_size: int,
+        kernel_type: str = "fourier",
+        bidirectional: bool = True,
+        max_resolutions: int | None = None,
+        combine: str = "sum",
+        decay: float = 0.5,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or seq_len < 1:
+            raise ValueError(f"dim and seq_len must be positive, got dim={dim}, seq_len={seq_len}")
+        if not 1 <= kernel_size <= seq_len:
+            raise ValueError(f"kernel_size must satisfy 1 <= kernel_size <= seq_len={seq_len}, got {kernel_size}")
+        if kernel_type not in KERNEL_TYPES:
+            raise ValueError(f"unknown kernel_type {kernel_type!r}; expected one of {sorted(KERNEL_TYPES)}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine {combine!r}; expected one of {list(COMBINE_MODES)}")
+        if max_resolutions is not None and max_resolutions < 1:
+            raise ValueError(f"max_resolutions must be >= 1 or None, got {max_resolutions}")
+        self.dim = dim
+        self.seq_len = seq_len
+        self.kernel_size = kernel_size
+        self.kernel_type = kernel_type
+        self.bidirectional = bidirectional
+        self.combine = combine
+        self.decay = decay
+        self.num_directions = 2 if bidirectional else 1
+        self.lengths, self.nominal_lengths = resolution_lengths(seq_len, kernel_size, max_resolutions, combine)
+        self.num_resolutions = len(self.lengths)
+        if combine == "sum":
+            self.deploy_kernel_len = max(self.lengths)
+        else:
+            self.deploy_kernel_len = min(sum(self.lengths), seq_len)
+        self.deploy = False
+        if deploy:
+            self._init_deploy()
+            return
+        self.kernel: SubKernels = create_kernel(
+            kernel_type, dim, kernel_size, self.lengths, self.nominal_lengths, self.num_directions
+        )
+        if combine == "sum":
+            self.norm = BranchBatchNorm(self.num_resolutions, dim, eps=bn_eps, momentum=bn_momentum)
+            self.alpha = nn.Parameter(torch.full((self.num_resolutions, dim), 1.0 / self.num_resolutions))
+        else:
+            with torch.no_grad():
+                norm = self._concat_kernel(normalize=False).norm(dim=-1, keepdim=True)
+            self.register_buffer("kernel_norm", norm.clamp_min(1e-12), persistent=True)
+
+    def _init_deploy(self) -> None:
+        shape = (self.num_directions, self.dim, self.deploy_kernel_len)
+        self.weight = nn.Parameter(torch.zeros(shape if self.bidirectional else shape[1:]))
+        self.bias = nn.Parameter(torch.zeros(self.dim))
+        self.deploy = True
+
+    # ----------------------------------------------------------------------------- kernels
+    def _concat_kernel(self, rate: float = 1.0, normalize: bool = True) -> torch.Tensor:
+        """SGConv Eq. 1: ``cat(decay^i * k_i) / Z``, cut to the planned length; ``(dirs, D, K)``."""
+        segments = [k * self.decay**i for i, k in enumerate(self.kernel(rate))]
+        kernel = torch.cat(segments, dim=-1)[..., : max(1, round(self.seq_len / rate))]
+        return kernel / self.kernel_norm if normalize else kernel
+
+    def _padded_kernels(self, rate: float = 1.0) -> torch.Tensor:
+        """Sub-kernels zero-padded on the right to one length (Eq. 7): ``(N, dirs, D, K)``."""
+        kernels = self.kernel(rate)
+        length = max(k.shape[-1] for k in kernels)
+        return torch.stack([F.pad(k, (0, length - k.shape[-1])) for k in kernels])
+
+    @torch.no_grad()
+    def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deploy form's ``(kernel, bias)`` computed from the train form (Eqs. 8, 13, 18).
+
+        The kernel has the layout of :func:`fft_conv`: ``(D, K)`` causal, ``(2, D, K)``
+        bidirectional. Computed in float64, returned in the parameters' dtype.
+        """
+        if self.deploy:
+            return self.weight.detach().clone(), self.bias.detach().clone()
+        dtype = next(self.parameters()).dtype
+        if self.combine == "sum":
+            kernels = self._padded_kernels().double()
+            scale, shift = (t.double() for t in self.norm.fold())
+            alpha = self.alpha.double()
+            kernel = torch.einsum("nd,nrdk->rdk", alpha * scale, kernels)
+            bias = (alpha * shift).sum(0)
+        else:
+            kernel = self._concat_kernel().double()
+            bias = kernel.new_zeros(self.dim)
+        if not self.bidirectional:
+            kernel = kernel[0]
+        return kernel.to(dtype), bias.to(dtype)
+
+    def reparameterize(self) -> None:
+        """Convert in place to the deploy form (idempotent): one kernel per direction, one bias."""
+        if self.deploy:
+            return
+        kernel, bias = self.merged_kernel()
+        for name in ("kernel", "norm", "alpha"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if "kernel_norm" in self._buffers:
+            del self._buffers["kernel_norm"]
+        self.weight = nn.Parameter(kernel)
+        self.bias = nn.Parameter(bias)
+        self.deploy = True
+
+    # ----------------------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
+        if x.ndim != rank:
+            raise ValueError(f"{type(self).__name__} expects input of shape {layout}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects {self.dim} channels (dim 1), got {x.shape[1]}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+
+    def forward(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """``x``: ``(B, dim, L)``, any ``L``. ``rate`` resamples Fourier kernels (train form only)."""
+        self._check_input(x, 3, "(B, dim, L)")
+        return self._forward_seq(x, rate)
+
+    def _forward_seq(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        if self.deploy:
+            if rate != 1:
+                raise ValueError(
+                    "a reparameterized MRConv is fixed to its training sampling rate; "
+                    "resample (rate != 1) before calling reparameterize()"
+                )
+            return fft_conv(x, self.weight, self.bidirectional) + self.bias.to(x.dtype)[:, None]
+        if self.combine == "concat":
+            kernel = self._concat_kernel(rate)
+            return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
+        return self._forward_branches(x, rate)
+
+    def _forward_branches(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        """Eq. 12 with one shared FFT of the input and one batched inverse FFT for all branches."""
+        out_dtype = x.dtype
+        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
+        seq_len = x.shape[-1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            kernels = self._padded_kernels(rate).to(compute_dtype)
+            if not self.bidirectional:
+                kernels = kernels[:, 0]
+            n = fft_length(seq_len, kernels.shape[-1], self.bidirectional)
+            k_f = kernel_spectrum(kernels, seq_len, n, self.bidirectional)  # (N, D, F)
+            u_f = torch.fft.rfft(x.to(compute_dtype), n=n)  # (B, D, F)
+            branches = torch.fft.irfft(u_f.unsqueeze(1) * k_f, n=n)[..., :seq_len]  # (B, N, D, L)
+            normed = self.norm(branches)
+            y = torch.einsum("bndl,nd->bdl", normed, self.alpha.to(compute_dtype))
+        return y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, seq_len={self.seq_len}, kernel_size={self.kernel_size}, "
+            f"kernel_type={self.kernel_type!r}, bidirectional={self.bidirectional}, combine={self.combine!r}, "
+            f"lengths={self.lengths}, deploy={self.deploy}"
+        )
+
+
+class MRConv2d(MRConv):
+    """MRConv on ``(B, C, H, W)`` maps: H x W flattened row-major to one sequence and back.
+
+    ``seq_len`` is the ``H * W`` of the training resolution; 1D kernels over flattened rows
+    are tied to the feature-map width they were trained at.
+    """
+
+    def forward(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        self._check_input(x, 4, "(B, C, H, W)")
+        batch, channels, height, width = x.shape
+        return self._forward_seq(x.reshape(batch, channels, height * width), rate).view(batch, channels, height, width)

@@ -23,7 +23,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fft_conv", "fft_length", "kernel_spectrum", "fft_conv_spectrum", "next_fast_length"]
+__all__ = [
+    "fft_conv",
+    "fft_length",
+    "kernel_buffer",
+    "kernel_spectrum",
+    "fft_conv_spectrum",
+    "toeplitz_kernel",
+    "next_fast_length",
+]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -74,13 +82,12 @@ def _check_kernel(u: torch.Tensor, k: torch.Tensor, bidirectional: bool) -> None
         raise TypeError(f"fft_conv expects floating-point tensors, got u: {u.dtype}, k: {k.dtype}")
 
 
-def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
-    """Real FFT (length ``n``) of kernels embedded in a circular buffer.
+def kernel_buffer(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
+    """Kernels embedded in a real circular buffer of length ``n``: ``(*, D, n)``.
 
     ``k`` is ``(*, D, K)`` (causal) or ``(*, 2, D, K)`` (bidirectional, see module docstring).
     The causal half sits at positions ``0 .. Kc-1``; the anti-causal half is flipped into the
     last ``Ka`` positions so that ``k[1, j]`` lands on circular lag ``-(j + 1)``.
-    Returns a complex tensor ``(*, D, n // 2 + 1)``.
     """
     if bidirectional:
         causal = k.select(-3, 0)[..., :seq_len]
@@ -88,17 +95,38 @@ def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) 
         buffer = F.pad(causal, (0, n - causal.shape[-1]))
         if anticausal.shape[-1] > 0:
             buffer = buffer + F.pad(anticausal.flip(-1), (n - anticausal.shape[-1], 0))
-    else:
-        causal = k[..., :seq_len]
-        buffer = F.pad(causal, (0, n - causal.shape[-1]))
-    return torch.fft.rfft(buffer, n=n)
+        return buffer
+    causal = k[..., :seq_len]
+    return F.pad(causal, (0, n - causal.shape[-1]))
 
 
-def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
-    """Convolve ``u`` ``(B, D, L)`` with a kernel given by its length-``n`` spectrum ``(D, n//2+1)``."""
+def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
+    """Real FFT (length ``n``) of :func:`kernel_buffer`: a complex tensor ``(*, D, n // 2 + 1)``."""
+    return torch.fft.rfft(kernel_buffer(k, seq_len, n, bidirectional), n=n)
+
+
+def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Convolve ``u`` ``(B, D, L)`` with a kernel given by its length-``n`` spectrum ``(D, n//2+1)``.
+
+    An optional per-channel ``bias`` ``(D,)`` is added in the frequency domain: a constant
+    over the whole circular buffer is ``n * bias`` in the DC bin, which saves a pass over the output.
+    """
     seq_len = u.shape[-1]
-    u_f = torch.fft.rfft(u, n=n)
-    return torch.fft.irfft(u_f * k_f, n=n)[..., :seq_len]
+    y_f = torch.fft.rfft(u, n=n) * k_f
+    if bias is not None:
+        y_f[..., 0] += bias * n
+    return torch.fft.irfft(y_f, n=n)[..., :seq_len]
+
+
+def toeplitz_kernel(k: torch.Tensor, seq_len: int, bidirectional: bool) -> torch.Tensor:
+    """Dense Toeplitz matrices ``T`` ``(D, L, L)`` with ``y[b, d] = u[b, d] @ T[d]`` (direct convolution).
+
+    Built from the circular buffer of length ``2L - 1`` (no wrap-around), rolled so that
+    position ``p`` holds lag ``p - (L - 1)``; ``T[d, s, t]`` is the tap at lag ``t - s``.
+    Costs ``D L^2`` multiply-adds per sample: cheaper than two FFTs for short sequences.
+    """
+    buffer = kernel_buffer(k, seq_len, 2 * seq_len - 1, bidirectional).roll(seq_len - 1, -1)
+    return buffer.unfold(-1, seq_len, 1).flip(-2).contiguous()
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, bidirectional: bool = False) -> torch.Tensor:

@@ -1,0 +1,196 @@
+"""Optimized paths (fused train step, cached/Toeplitz inference, ``norm='scale'``) against plain references."""
+
+import copy
+
+import pytest
+import torch
+
+from mrconvnext import MRConv, MRConv2d
+from mrconvnext.fft_conv import fft_conv, fft_conv_spectrum, fft_length, kernel_spectrum, toeplitz_kernel
+
+from .reference import direct_conv, randomize_, rel_err
+
+SEQ_LEN = 96
+KERNEL_SIZE = 6
+
+
+def make_pair(kernel_type="fourier", bidirectional=True, dim=5, seed=0, **kwargs):
+    """Two identical float64 layers in train mode with random parameters and running statistics."""
+    torch.manual_seed(seed)
+    layer = MRConv(dim, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, **kwargs)
+    randomize_(layer)
+    layer = layer.double().train()
+    return layer, copy.deepcopy(layer)
+
+
+def grads(layer, x):
+    return [x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
+
+
+@pytest.mark.parametrize("kernel_type", ["fourier", "fourier_sparse", "dilated", "dense"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_train_step_matches_reference(kernel_type, bidirectional, momentum):
+    fast, ref = make_pair(kernel_type, bidirectional, bn_momentum=momentum)
+    for step in range(2):  # two steps: running statistics accumulate
+        seq_len = SEQ_LEN if step == 0 else 70  # shorter inputs use a shorter FFT
+        x = (torch.randn(3, 5, seq_len, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        weight = torch.randn(3, 5, seq_len, dtype=torch.float64)
+        y = fast(x)
+        y_ref = ref._forward_branches_reference(x_ref, 1.0)
+        assert rel_err(y, y_ref) < 1e-10
+        (y * weight).sum().backward()
+        (y_ref * weight).sum().backward()
+        for g, g_ref in zip(grads(fast, x), grads(ref, x_ref), strict=True):
+            assert g_ref.abs().sum() > 0
+            assert rel_err(g, g_ref) < 1e-9
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fast.norm, name), getattr(ref.norm, name), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_train_step_float32_and_no_grad():
+    fast, ref = make_pair("fourier_sparse", True)
+    fast, ref = fast.float(), ref.float()
+    x = torch.randn(4, 5, SEQ_LEN)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref._forward_branches_reference(x)) < 1e-5
+    torch.testing.assert_close(fast.norm.running_var, ref.norm.running_var)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fast(torch.randn(1, 5, 1))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_eval_train_form_merges_branches_exactly(bidirectional):
+    fast, ref = make_pair("fourier_sparse", bidirectional)
+    fast.eval(), ref.eval()
+    x = torch.randn(2, 5, 80, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = fast(x), ref._forward_branches_reference(x_ref)
+    assert rel_err(y, y_ref) < 1e-10
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    for g, g_ref in zip(grads(fast, x), grads(ref, x_ref), strict=True):
+        if g_ref is None:  # BN statistics are constants in eval mode
+            continue
+        assert rel_err(g, g_ref) < 1e-9
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("seq_len", [1, 49, 128, 129, 200])
+def test_toeplitz_kernel_matches_direct_conv(bidirectional, seq_len):
+    torch.manual_seed(seq_len)
+    u = torch.randn(3, 4, seq_len, dtype=torch.float64)
+    k = torch.randn((2, 4, 150) if bidirectional else (4, 150), dtype=torch.float64)
+    y = torch.bmm(u.transpose(0, 1), toeplitz_kernel(k, seq_len, bidirectional)).transpose(0, 1)
+    assert rel_err(y, direct_conv(u, k[..., :seq_len], bidirectional)) < 1e-12
+
+
+def test_spectrum_bias_rides_in_dc_bin():
+    torch.manual_seed(0)
+    u = torch.randn(2, 3, 40, dtype=torch.float64)
+    k = torch.randn(2, 3, 40, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    n = fft_length(40, 40, True)
+    y = fft_conv_spectrum(u, kernel_spectrum(k, 40, n, True), n, bias)
+    assert rel_err(y, direct_conv(u, k, True) + bias[:, None]) < 1e-12
+
+
+@pytest.mark.parametrize("seq_len", [49, 150])  # Toeplitz and FFT inference paths
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cached_deploy_path_matches_and_invalidates(seq_len, bidirectional):
+    torch.manual_seed(0)
+    layer = MRConv(5, 150, 10, kernel_type="fourier_sparse", bidirectional=bidirectional)
+    randomize_(layer)
+    layer = layer.double().eval()
+    layer.reparameterize()
+    x = torch.randn(2, 5, seq_len, dtype=torch.float64)
+
+    def expected():
+        return direct_conv(x, layer.weight.detach()[..., :seq_len], bidirectional) + layer.bias.detach()[:, None]
+
+    with torch.no_grad():
+        assert rel_err(layer(x), expected()) < 1e-12
+        assert rel_err(layer(x), expected()) < 1e-12  # served from the cache
+        layer.weight.mul_(-0.5)  # in-place update (optimizer step) invalidates
+        layer.bias.add_(1.0)
+        assert rel_err(layer(x), expected()) < 1e-12
+        state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        assert rel_err(layer(x), expected()) < 1e-12
+        y32 = layer.float()(x.float())
+        assert y32.dtype == torch.float32 and rel_err(y32, expected()) < 1e-5
+    # with gradients the plain differentiable path runs and agrees
+    y = layer.double()(x)
+    assert rel_err(y, expected()) < 1e-12
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_cached_path_keeps_mrconv2d_layout():
+    torch.manual_seed(0)
+    layer = MRConv2d(4, 7 * 7, 5).eval()
+    randomize_(layer)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.reparameterize()
+        assert rel_err(layer(x), ref) < 1e-5
+        assert rel_err(layer(x.bfloat16()).float(), ref) < 2e-2
+
+
+# ----------------------------------------------------------------------------- norm='scale'
+@pytest.mark.parametrize("kernel_type", ["fourier", "fourier_sparse", "sparse", "dilated"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_scale_norm_matches_reference_and_reparameterizes(kernel_type, bidirectional):
+    torch.manual_seed(0)
+    layer = MRConv(5, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, norm="scale")
+    # normalised at construction: every sub-kernel has unit norm per direction and channel
+    with torch.no_grad():
+        for i, k in enumerate(layer.kernel()):
+            torch.testing.assert_close((k / layer.kernel_norm[i]).norm(dim=-1), torch.ones(k.shape[:-1]))
+    randomize_(layer)
+    layer = layer.double()
+    x = torch.randn(3, 5, SEQ_LEN, dtype=torch.float64)
+    ref = sum(
+        layer.alpha[i].detach()[:, None]
+        * direct_conv(
+            x, (k / layer.kernel_norm[i]).detach() if bidirectional else (k / layer.kernel_norm[i])[0], bidirectional
+        )
+        for i, k in enumerate(layer.kernel())
+    )
+    y = layer(x)
+    assert rel_err(y, ref) < 1e-10
+    y.pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        layer.reparameterize()
+        assert rel_err(layer(x), ref) < 1e-10
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "bias"}
+    assert not dict(layer.named_buffers())
+
+
+def test_scale_norm_state_dict_and_bad_options():
+    torch.manual_seed(0)
+    layer = MRConv(4, 64, 8, norm="scale")
+    assert layer.kernel_norm.shape == (len(layer.lengths), 2, 4, 1)
+    assert {"kernel_norm", "alpha"} <= set(layer.state_dict())
+    assert not hasattr(layer, "norm")
+    torch.manual_seed(1)
+    fresh = MRConv(4, 64, 8, norm="scale")
+    assert not torch.equal(fresh.kernel_norm, layer.kernel_norm)
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(2, 4, 64)
+    torch.testing.assert_close(fresh(x), layer(x))
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        MRConv(4, 64, 8, norm="layer")
+    with pytest.raises(ValueError, match="needs combine='sum'"):
+        MRConv(4, 64, 8, norm="scale", combine="concat")
+
+
+def test_fft_conv_still_matches_after_refactor():
+    torch.manual_seed(0)
+    u = torch.randn(2, 3, 33, dtype=torch.float64)
+    k = torch.randn(2, 3, 50, dtype=torch.float64)
+    assert rel_err(fft_conv(u, k, True), direct_conv(u, k[..., :33], True)) < 1e-12

@@ -1,38 +1,112 @@
-"""Fused train-form MRConv with exact per-branch BatchNorm (Eq. 12) and a hand-written backward.
+"""Channel-chunked FFT convolutions with hand-written backward passes (MRConv paper, Sections 3.2, 3.4).
 
-Notation: ``u`` is the input ``(B, D, L)``, ``kb_i`` the circular kernel buffers ``(N, D, n)``
-(:func:`~mrconvnext.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K_i = rfft(kb_i)``, and the
-branch outputs ``c_i = irfft(U K_i)[:L]``. With batch statistics ``mu_i, sigma_i`` over
-``(B, L)`` the layer is affine in the branch outputs::
+Notation: ``u`` is the input ``(B, D, L)``, ``kb`` circular kernel buffers of length ``n``
+(:func:`~mrconvnext.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K = rfft(kb)``.
+
+Every op here is independent per channel, so both functions walk over blocks of channels whose
+spectra fit in the L2 cache: the elementwise products, reductions and FFTs of one block then
+run from cache instead of streaming full ``(B, D, n)`` tensors through memory between calls.
+
+``conv_buffer``: ``y = irfft(U K)[:L] + b``; backward ``du = irfft(DY conj(K))[:L]``,
+``dkb = irfft(sum_b conj(U_b) DY_b)``: one FFT of ``dy``, one inverse, one small inverse.
+
+``branch_bn_conv`` (train-form Eq. 12 with exact BatchNorm): branch outputs
+``c_i = irfft(U K_i)[:L]`` and batch statistics ``mu_i, sigma_i`` over ``(B, L)`` make the
+layer affine in the branch outputs::
 
     y = sum_i s_i c_i + b,   s_i = alpha_i gamma_i / sigma_i,   b = sum_i alpha_i (beta_i - gamma_i mu_i / sigma_i)
 
-so the forward pass is one ``rfft`` of ``u``, ``N`` ``irfft`` and one weighted sum. BatchNorm's
-backward makes each branch gradient affine in ``dy`` and ``c_i`` with per-channel scalars::
+(one ``rfft`` of ``u``, ``N`` ``irfft``, one weighted sum). BatchNorm's backward makes every
+branch gradient affine in ``dy`` and ``c_i`` with per-channel scalars::
 
     dL/dc_i = a_i dy + b_i 1_[0,L) + e_i c_i,
     a_i = s_i,  e_i = -s_i m_i / sigma_i,  b_i = -s_i (mean(dy) - mu_i m_i / sigma_i),  m_i = mean(dy c_hat_i)
 
-hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy``, ``N`` ``rfft``
-of the saved ``c_i`` and one ``irfft``. Every reduction over the batch (``sum dy c_i`` by
-Parseval, the kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) is taken on spectra already
-at hand, leaving one small ``irfft`` of ``(N, D, n)`` without a batch factor.
+hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy``, ``N``
+``rfft`` of the saved ``c_i`` and one ``irfft``. The reductions over the batch (``sum dy c_i``
+by Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
+and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["branch_bn_conv"]
+__all__ = ["branch_bn_conv", "conv_buffer", "channel_chunk"]
+
+_CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
+
+
+def channel_chunk(batch: int, n: int, dim: int, itemsize: int = 4) -> int:
+    """Channels per block so that ``batch * chunk * n`` real values take about ``_CHUNK_BYTES``."""
+    return max(1, min(dim, _CHUNK_BYTES // max(1, batch * n * itemsize)))
+
+
+class _PaddedRfft:
+    """``rfft(x, n)`` of channel blocks through one zero-padded staging buffer.
+
+    ``torch.fft.rfft(x, n=n)`` allocates, zero-fills and copies a padded tensor per call; here
+    the padding is written once and only the ``L`` taps of each block are copied in.
+    """
+
+    def __init__(self, like: torch.Tensor, batch: int, step: int, n: int) -> None:
+        self.buffer = like.new_zeros(batch, step, n)
+        self.n = n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.buffer[:, : x.shape[1]]
+        rows[..., : x.shape[-1]].copy_(x)
+        return torch.fft.rfft(rows, n=self.n)
 
 
 def _parseval_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``w_f`` with ``sum_t x[t] y[t] = (1 / n) sum_f w_f Re(X_f conj(Y_f))`` over the rfft half spectrum."""
-    weights = torch.full((n // 2 + 1,), 2.0, dtype=dtype, device=device)
-    weights[0] = 1.0
+    """``w_f`` with ``sum_t x[t] y[t] = sum_f w_f Re(X_f conj(Y_f))`` over the rfft half spectrum."""
+    weights = torch.full((n // 2 + 1,), 2.0 / n, dtype=dtype, device=device)
+    weights[0] = 1.0 / n
     if n % 2 == 0:
-        weights[-1] = 1.0
-    return weights / n
+        weights[-1] = 1.0 / n
+    return weights
+
+
+class _ConvBuffer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, kb, bias):
+        batch, dim, seq_len = u.shape
+        n = kb.shape[-1]
+        k_f = torch.fft.rfft(kb, n=n)
+        u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
+        y = u.new_empty(batch, dim, seq_len)
+        step = channel_chunk(batch, n, dim, u.element_size())
+        rfft = _PaddedRfft(u, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            u_f[:, block] = block_f = rfft(u[:, block])
+            y_f = block_f * k_f[block]
+            if bias is not None:
+                y_f[..., 0] += bias[block] * n
+            y[:, block] = torch.fft.irfft(y_f, n=n)[..., :seq_len]
+        ctx.save_for_backward(u_f, k_f)
+        ctx.n, ctx.seq_len, ctx.has_bias = n, seq_len, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u_f, k_f = ctx.saved_tensors
+        n, seq_len = ctx.n, ctx.seq_len
+        batch, dim, _ = u_f.shape
+        grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
+        grad_kb_f = torch.empty_like(k_f)
+        step = channel_chunk(batch, n, dim, grad_y.element_size())
+        rfft = _PaddedRfft(grad_y, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            dy_f = rfft(grad_y[:, block])
+            grad_kb_f[block] = (u_f[:, block].conj_physical() * dy_f).sum(0)
+            if grad_u is not None:
+                grad_u[:, block] = torch.fft.irfft(dy_f.mul_(k_f[block].conj_physical()), n=n)[..., :seq_len]
+        grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_y.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_u, grad_kb, grad_bias
 
 
 class _BranchBatchNormConv(torch.autograd.Function):
@@ -43,60 +117,84 @@ class _BranchBatchNormConv(torch.autograd.Function):
         count = batch * seq_len
         if count < 2:
             raise ValueError(f"MRConv BatchNorm needs more than 1 value per channel in training, got {tuple(u.shape)}")
-        u_f = torch.fft.rfft(u, n=n)  # (B, D, F)
         k_f = torch.fft.rfft(kb, n=n)  # (N, D, F)
+        u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
         branches = u.new_empty(num_branches, batch, dim, seq_len)
         mean = u.new_empty(num_branches, dim)
         var = u.new_empty(num_branches, dim)
-        for i in range(num_branches):
-            branches[i] = torch.fft.irfft(u_f * k_f[i], n=n)[..., :seq_len]
-            var[i], mean[i] = torch.var_mean(branches[i], dim=(0, 2), correction=0)
-        inv_std = torch.rsqrt(var + eps)
-        scale = alpha * gamma * inv_std  # s_i
-        shift = (alpha * (beta - gamma * mean * inv_std)).sum(0)
-        y = torch.addcmul(shift[:, None], branches[0], scale[0, :, None])
-        for i in range(1, num_branches):
-            y.addcmul_(branches[i], scale[i, :, None])
+        y = u.new_empty(batch, dim, seq_len)
+        step = channel_chunk(batch, n, dim, u.element_size())
+        rfft = _PaddedRfft(u, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            u_f[:, block] = block_f = rfft(u[:, block])
+            for i in range(num_branches):
+                c = torch.fft.irfft(block_f * k_f[i, block], n=n)[..., :seq_len]
+                branches[i, :, block] = c
+                mean[i, block] = block_mean = c.sum((0, 2)) / count
+                var[i, block] = (c - block_mean[:, None]).square_().sum((0, 2)) / count  # two-pass, stable
+            inv_std = torch.rsqrt(var[:, block] + eps)
+            scale = alpha[:, block] * gamma[:, block] * inv_std  # s_i
+            shift = (alpha[:, block] * (beta[:, block] - gamma[:, block] * mean[:, block] * inv_std)).sum(0)
+            out = torch.addcmul(shift[:, None], branches[0, :, block], scale[0, :, None])
+            for i in range(1, num_branches):
+                out.addcmul_(branches[i, :, block], scale[i, :, None])
+            y[:, block] = out
         with torch.no_grad():
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
-        ctx.save_for_backward(u_f, k_f, branches, mean, inv_std, scale, gamma, beta, alpha)
-        ctx.shape = (batch, dim, seq_len, n)
+        ctx.save_for_backward(u_f, k_f, branches, mean, var, gamma, beta, alpha)
+        ctx.n, ctx.seq_len, ctx.eps = n, seq_len, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u_f, k_f, branches, mean, inv_std, scale, gamma, beta, alpha = ctx.saved_tensors
-        batch, dim, seq_len, n = ctx.shape
+        u_f, k_f, branches, mean, var, gamma, beta, alpha = ctx.saved_tensors
+        n, seq_len = ctx.n, ctx.seq_len
+        num_branches, batch, dim, _ = branches.shape
         count = batch * seq_len
-        grad_y = grad_y.contiguous()
-        real_dtype = grad_y.dtype
-        dy_f = torch.fft.rfft(grad_y, n=n)  # (B, D, F)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        scale = alpha * gamma * inv_std
         window_f = torch.fft.rfft(grad_y.new_ones(seq_len), n=n)  # spectrum of 1_[0, L)
-        weights = _parseval_weights(n, real_dtype, grad_y.device)
-        cross = (dy_f.conj() * u_f).sum(0)  # sum_b conj(DY_b) U_b, (D, F)
+        weights = _parseval_weights(n, grad_y.dtype, grad_y.device)
         sum_dy = grad_y.sum((0, 2))  # (D,)
-        dot = ((cross * k_f).real * weights).sum(-1)  # sum_{b,t} dy c_i, (N, D)
-        dot_hat = (dot - mean * sum_dy) * inv_std  # sum dy c_hat_i
-        m_hat = dot_hat / count
-        coef_dy = scale
-        coef_c = -scale * m_hat * inv_std
-        coef_one = -scale * (sum_dy / count - mean * m_hat * inv_std)
-
-        k_conj = k_f.conj()
-        grad_u_f = dy_f * (coef_dy[..., None] * k_conj).sum(0) + window_f * (coef_one[..., None] * k_conj).sum(0)
-        grad_kb_f = coef_dy[..., None] * cross.conj() + coef_one[..., None] * (u_f.sum(0).conj() * window_f)
-        u_conj = u_f.conj()
-        for i in range(branches.shape[0]):
-            c_f = torch.fft.rfft(branches[i], n=n)  # (B, D, F)
-            grad_u_f.addcmul_(c_f, coef_c[i, :, None] * k_conj[i])
-            grad_kb_f[i] += (u_conj * c_f).sum(0) * coef_c[i, :, None]
-        grad_u = torch.fft.irfft(grad_u_f, n=n)[..., :seq_len] if ctx.needs_input_grad[0] else None
+        dot_hat = torch.empty_like(mean)  # sum_{b,t} dy c_hat_i, (N, D)
+        grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
+        grad_kb_f = torch.empty_like(k_f)
+        step = channel_chunk(batch, n, dim, grad_y.element_size())
+        rfft = _PaddedRfft(grad_y, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            dy_f = rfft(grad_y[:, block])  # (B, c, F)
+            u_conj = u_f[:, block].conj_physical()
+            k_conj = k_f[:, block].conj_physical()  # (N, c, F)
+            cross = (u_conj * dy_f).sum(0)  # sum_b conj(U_b) DY_b, (c, F)
+            dot = ((cross.conj() * k_f[:, block]).real * weights).sum(-1)  # sum_{b,t} dy c_i, (N, c)
+            dot_hat[:, block] = (dot - mean[:, block] * sum_dy[block]) * inv_std[:, block]
+            m_hat = dot_hat[:, block] / count
+            coef_dy = scale[:, block]
+            coef_c = -coef_dy * m_hat * inv_std[:, block]
+            coef_one = -coef_dy * (sum_dy[block] / count - mean[:, block] * m_hat * inv_std[:, block])
+            grad_u_f = dy_f.mul_((coef_dy[..., None] * k_conj).sum(0))
+            grad_u_f += window_f * (coef_one[..., None] * k_conj).sum(0)
+            grad_kb_f[:, block] = coef_dy[..., None] * cross + coef_one[..., None] * (u_conj.sum(0) * window_f)
+            for i in range(num_branches):
+                c_f = rfft(branches[i, :, block])  # (B, c, F)
+                grad_kb_f[i, block] += (u_conj * c_f).sum(0) * coef_c[i, :, None]
+                grad_u_f.addcmul_(c_f, coef_c[i, :, None] * k_conj[i])
+            if grad_u is not None:
+                grad_u[:, block] = torch.fft.irfft(grad_u_f, n=n)[..., :seq_len]
         grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
-        grad_gamma = alpha * dot_hat
-        grad_beta = alpha * sum_dy
-        grad_alpha = gamma * dot_hat + beta * sum_dy
-        return grad_u, grad_kb, grad_gamma, grad_beta, grad_alpha, None, None, None, None
+        return grad_u, grad_kb, alpha * dot_hat, alpha * sum_dy, gamma * dot_hat + beta * sum_dy, None, None, None, None
+
+
+def conv_buffer(u: torch.Tensor, kb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise convolution of ``u`` ``(B, D, L)`` with circular kernel buffers ``kb`` ``(D, n)``, plus ``bias``.
+
+    ``n`` must be large enough that wrap-around does not reach ``[0, L)`` (see ``fft_length``).
+    The bias rides in the DC bin (``n * b``), which saves a pass over the output.
+    """
+    return _ConvBuffer.apply(u, kb, bias)
 
 
 def branch_bn_conv(
@@ -116,4 +214,4 @@ def branch_bn_conv(
     ``(N, D)``. ``running_mean`` / ``running_var`` ``(N, D)`` are updated in place with
     momentum ``factor`` (unbiased variance, as ``F.batch_norm``). Returns ``(B, D, L)``.
     """
-    return _BranchBatchNormConv.apply(u.contiguous(), kb, gamma, beta, alpha, running_mean, running_var, factor, eps)
+    return _BranchBatchNormConv.apply(u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps)

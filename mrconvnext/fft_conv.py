@@ -23,10 +23,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ._mrconv_autograd import channel_chunk, conv_buffer
+
 __all__ = [
     "fft_conv",
     "fft_length",
     "kernel_buffer",
+    "kernel_buffers",
+    "merge_kernels",
     "kernel_spectrum",
     "fft_conv_spectrum",
     "toeplitz_kernel",
@@ -100,6 +104,41 @@ def kernel_buffer(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) ->
     return F.pad(causal, (0, n - causal.shape[-1]))
 
 
+def kernel_buffers(kernels: list[torch.Tensor], seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
+    """:func:`kernel_buffer` of sub-kernels of different lengths, stacked: ``(N, D, n)``.
+
+    ``kernels[i]`` is ``(D, K_i)`` or ``(2, D, K_i)``. Built with one concatenation of the
+    actual taps and zero gaps (no padding of every sub-kernel to the longest one), so the
+    cost and the backward pass scale with ``sum_i K_i``, not ``N * max K_i``. The result is a
+    strided view; its rows are contiguous.
+    """
+    pieces = []
+    for k in kernels:
+        causal = (k[0] if bidirectional else k)[..., :seq_len]
+        anticausal = k[1][..., : max(seq_len - 1, 0)].flip(-1) if bidirectional else causal[..., :0]
+        gap = n - causal.shape[-1] - anticausal.shape[-1]
+        pieces += [causal, causal.new_zeros(causal.shape[0], gap), anticausal]
+    dim = pieces[0].shape[0]
+    return torch.cat(pieces, dim=-1).view(dim, len(kernels), n).transpose(0, 1)
+
+
+def merge_kernels(kernels: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i weights[i] * ZeroPad(kernels[i])`` (Eq. 7) for kernels of non-decreasing length.
+
+    ``kernels[i]``: ``(*, D, K_i)``; ``weights``: ``(N, *, D, 1)``-broadcastable. Summed segment by
+    segment (taps ``[K_{j-1}, K_j)`` only get the kernels that reach them), costing ``sum_i K_i``.
+    """
+    lengths = [k.shape[-1] for k in kernels]
+    if lengths != sorted(lengths):
+        raise ValueError(f"merge_kernels expects kernels of non-decreasing length, got {lengths}")
+    segments, start = [], 0
+    for j, end in enumerate(lengths):
+        if end > start:
+            segments.append(sum(weights[i] * kernels[i][..., start:end] for i in range(j, len(kernels))))
+            start = end
+    return torch.cat(segments, dim=-1)
+
+
 def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
     """Real FFT (length ``n``) of :func:`kernel_buffer`: a complex tensor ``(*, D, n // 2 + 1)``."""
     return torch.fft.rfft(kernel_buffer(k, seq_len, n, bidirectional), n=n)
@@ -108,14 +147,20 @@ def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) 
 def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Convolve ``u`` ``(B, D, L)`` with a kernel given by its length-``n`` spectrum ``(D, n//2+1)``.
 
-    An optional per-channel ``bias`` ``(D,)`` is added in the frequency domain: a constant
-    over the whole circular buffer is ``n * bias`` in the DC bin, which saves a pass over the output.
+    Runs over blocks of channels that fit in cache. An optional per-channel ``bias`` ``(D,)``
+    is added in the frequency domain: a constant over the whole circular buffer is ``n * bias``
+    in the DC bin, which saves a pass over the output.
     """
-    seq_len = u.shape[-1]
-    y_f = torch.fft.rfft(u, n=n) * k_f
-    if bias is not None:
-        y_f[..., 0] += bias * n
-    return torch.fft.irfft(y_f, n=n)[..., :seq_len]
+    batch, dim, seq_len = u.shape
+    y = u.new_empty(batch, dim, seq_len)
+    step = channel_chunk(batch, n, dim, u.element_size())
+    for start in range(0, dim, step):
+        block = slice(start, start + step)
+        y_f = torch.fft.rfft(u[:, block], n=n).mul_(k_f[block])
+        if bias is not None:
+            y_f[..., 0] += bias[block] * n
+        y[:, block] = torch.fft.irfft(y_f, n=n)[..., :seq_len]
+    return y
 
 
 def toeplitz_kernel(k: torch.Tensor, seq_len: int, bidirectional: bool) -> torch.Tensor:
@@ -147,6 +192,5 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, bidirectional: bool = False) -> t
     seq_len = u.shape[-1]
     n = fft_length(seq_len, k.shape[-1], bidirectional)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        k_f = kernel_spectrum(k.to(compute_dtype), seq_len, n, bidirectional)
-        y = fft_conv_spectrum(u.to(compute_dtype), k_f, n)
+        y = conv_buffer(u.to(compute_dtype), kernel_buffer(k.to(compute_dtype), seq_len, n, bidirectional))
     return y.to(out_dtype)

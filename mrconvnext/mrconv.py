@@ -24,14 +24,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._mrconv_autograd import branch_bn_conv
+from ._mrconv_autograd import branch_bn_conv, conv_buffer
 from .fft_conv import (
     _HALF_DTYPES,
     fft_conv,
     fft_conv_spectrum,
     fft_length,
     kernel_buffer,
+    kernel_buffers,
     kernel_spectrum,
+    merge_kernels,
     toeplitz_kernel,
 )
 from .kernels import KERNEL_TYPES, SubKernels, create_kernel
@@ -193,8 +195,8 @@ class MRConv(nn.Module):
                 self.norm = BranchBatchNorm(self.num_resolutions, dim, eps=bn_eps, momentum=bn_momentum)
             else:
                 with torch.no_grad():
-                    norms = self._padded_kernels().norm(dim=-1, keepdim=True)
-                self.register_buffer("kernel_norm", norms.clamp_min(1e-12), persistent=True)
+                    norms = torch.stack([k.norm(dim=-1, keepdim=True) for k in self.kernel()])
+                self.register_buffer("kernel_norm", norms.clamp_min(1e-12), persistent=True)  # (N, dirs, D, 1)
             self.alpha = nn.Parameter(torch.full((self.num_resolutions, dim), 1.0 / self.num_resolutions))
         else:
             with torch.no_grad():
@@ -216,7 +218,7 @@ class MRConv(nn.Module):
 
     def _scaled_kernel(self, rate: float = 1.0) -> torch.Tensor:
         """Eq. 9 with norm-equalised sub-kernels: ``sum_i alpha_i pad(k_i) / z_i``, ``(dirs, D, K)``."""
-        return torch.einsum("nd,nrdk->rdk", self.alpha, self._padded_kernels(rate) / self.kernel_norm)
+        return merge_kernels(self.kernel(rate), self.alpha[:, None, :, None] / self.kernel_norm)
 
     def _padded_kernels(self, rate: float = 1.0) -> torch.Tensor:
         """Sub-kernels zero-padded on the right to one length (Eq. 7): ``(N, dirs, D, K)``."""
@@ -238,10 +240,10 @@ class MRConv(nn.Module):
             kernel = self._scaled_kernel().double()
             bias = kernel.new_zeros(self.dim)
         elif self.combine == "sum":
-            kernels = self._padded_kernels().double()
+            kernels = [k.double() for k in self.kernel()]
             scale, shift = (t.double() for t in self.norm.fold())
             alpha = self.alpha.double()
-            kernel = torch.einsum("nd,nrdk->rdk", alpha * scale, kernels)
+            kernel = merge_kernels(kernels, (alpha * scale)[:, None, :, None])
             bias = (alpha * shift).sum(0)
         else:
             kernel = self._concat_kernel().double()
@@ -287,7 +289,7 @@ class MRConv(nn.Module):
                     "resample (rate != 1) before calling reparameterize()"
                 )
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
-                return fft_conv(x, self.weight, self.bidirectional) + self.bias.to(x.dtype)[:, None]
+                return self._forward_deploy_autograd(x)
             return self._forward_cached(x)
         if self.combine == "concat":
             kernel = self._concat_kernel(rate)
@@ -296,6 +298,16 @@ class MRConv(nn.Module):
             kernel = self._scaled_kernel(rate)
             return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
         return self._forward_branches(x, rate)
+
+    def _forward_deploy_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
+        seq_len = x.shape[-1]
+        n = fft_length(seq_len, self.deploy_kernel_len, self.bidirectional)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            buffer = kernel_buffer(self.weight.to(compute_dtype), seq_len, n, self.bidirectional)
+            y = conv_buffer(x.to(compute_dtype), buffer, self.bias.to(compute_dtype))
+        return y.to(out_dtype)
 
     def _forward_cached(self, x: torch.Tensor) -> torch.Tensor:
         """Inference with the deploy kernel's spectrum (or Toeplitz matrix) cached per length/device/dtype.
@@ -337,24 +349,23 @@ class MRConv(nn.Module):
         seq_len = x.shape[-1]
         norm = self.norm
         with torch.autocast(device_type=x.device.type, enabled=False):
-            kernels = self._padded_kernels(rate).to(compute_dtype)
-            if not self.bidirectional:
-                kernels = kernels[:, 0]
-            n = fft_length(seq_len, kernels.shape[-1], self.bidirectional)
-            buffers = kernel_buffer(kernels, seq_len, n, self.bidirectional)  # (N, D, n)
+            kernels = [k.to(compute_dtype) if self.bidirectional else k[0].to(compute_dtype) for k in self.kernel(rate)]
+            n = fft_length(seq_len, kernels[-1].shape[-1], self.bidirectional)
             gamma, beta, alpha = (t.to(compute_dtype) for t in (norm.weight, norm.bias, self.alpha))
             u = x.to(compute_dtype)
             if norm.training:
                 norm.num_batches_tracked.add_(1)
                 factor = norm.momentum if norm.momentum is not None else 1.0 / int(norm.num_batches_tracked)
+                buffers = kernel_buffers(kernels, seq_len, n, self.bidirectional)  # (N, D, n)
                 y = branch_bn_conv(
                     u, buffers, gamma, beta, alpha, norm.running_mean, norm.running_var, factor, norm.eps
                 )
             else:  # running statistics: Eq. 13 on the fly, one convolution
                 scale = alpha * gamma * torch.rsqrt(norm.running_var.to(compute_dtype) + norm.eps)
                 bias = (alpha * beta - scale * norm.running_mean.to(compute_dtype)).sum(0)
-                merged = torch.einsum("nd,ndk->dk", scale, buffers)
-                y = fft_conv_spectrum(u, torch.fft.rfft(merged, n=n), n, bias)
+                weights = scale[:, None, :, None] if self.bidirectional else scale[..., None]
+                merged = merge_kernels(kernels, weights)
+                y = conv_buffer(u, kernel_buffer(merged, seq_len, n, self.bidirectional), bias)
         return y.to(out_dtype)
 
     def _forward_branches_reference(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:

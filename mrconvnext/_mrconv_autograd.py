@@ -23,7 +23,8 @@ branch gradient affine in ``dy`` and ``c_i`` with per-channel scalars::
     a_i = s_i,  e_i = -s_i m_i / sigma_i,  b_i = -s_i (mean(dy) - mu_i m_i / sigma_i),  m_i = mean(dy c_hat_i)
 
 hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy``, ``N``
-``rfft`` of the saved ``c_i`` and one ``irfft``. The reductions over the batch (``sum dy c_i``
+``rfft`` of the saved ``c_i``, one ``rfft`` recomputing ``U`` (saving ``u`` instead of its
+spectrum halves that memory) and one ``irfft``. The reductions over the batch (``sum dy c_i``
 by Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
 and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor.
 """
@@ -118,7 +119,6 @@ class _BranchBatchNormConv(torch.autograd.Function):
         if count < 2:
             raise ValueError(f"MRConv BatchNorm needs more than 1 value per channel in training, got {tuple(u.shape)}")
         k_f = torch.fft.rfft(kb, n=n)  # (N, D, F)
-        u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
         branches = u.new_empty(num_branches, batch, dim, seq_len)
         mean = u.new_empty(num_branches, dim)
         var = u.new_empty(num_branches, dim)
@@ -127,7 +127,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         rfft = _PaddedRfft(u, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
-            u_f[:, block] = block_f = rfft(u[:, block])
+            block_f = rfft(u[:, block])
             for i in range(num_branches):
                 c = torch.fft.irfft(block_f * k_f[i, block], n=n)[..., :seq_len]
                 branches[i, :, block] = c
@@ -143,13 +143,14 @@ class _BranchBatchNormConv(torch.autograd.Function):
         with torch.no_grad():
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
-        ctx.save_for_backward(u_f, k_f, branches, mean, var, gamma, beta, alpha)
+        # u, not its spectrum (twice the memory): the backward recomputes one rfft per block
+        ctx.save_for_backward(u, k_f, branches, mean, var, gamma, beta, alpha)
         ctx.n, ctx.seq_len, ctx.eps = n, seq_len, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u_f, k_f, branches, mean, var, gamma, beta, alpha = ctx.saved_tensors
+        u, k_f, branches, mean, var, gamma, beta, alpha = ctx.saved_tensors
         n, seq_len = ctx.n, ctx.seq_len
         num_branches, batch, dim, _ = branches.shape
         count = batch * seq_len
@@ -166,7 +167,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         for start in range(0, dim, step):
             block = slice(start, start + step)
             dy_f = rfft(grad_y[:, block])  # (B, c, F)
-            u_conj = u_f[:, block].conj_physical()
+            u_conj = rfft(u[:, block]).conj_physical_()
             k_conj = k_f[:, block].conj_physical()  # (N, c, F)
             cross = (u_conj * dy_f).sum(0)  # sum_b conj(U_b) DY_b, (c, F)
             dot = ((cross.conj() * k_f[:, block]).real * weights).sum(-1)  # sum_{b,t} dy c_i, (N, c)

@@ -131,11 +131,13 @@ def merge_kernels(kernels: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     lengths = [k.shape[-1] for k in kernels]
     if lengths != sorted(lengths):
         raise ValueError(f"merge_kernels expects kernels of non-decreasing length, got {lengths}")
-    segments, start = [], 0
-    for j, end in enumerate(lengths):
-        if end > start:
-            segments.append(sum(weights[i] * kernels[i][..., start:end] for i in range(j, len(kernels))))
-            start = end
+    bounds = [0] + lengths
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    # split, not slicing: split's backward concatenates, slicing's zero-fills a full-size gradient per slice
+    pieces = [k.split(sizes[: i + 1], dim=-1) for i, k in enumerate(kernels)]
+    segments = [
+        sum(weights[i] * pieces[i][j] for i in range(j, len(kernels))) for j, size in enumerate(sizes) if size > 0
+    ]
     return torch.cat(segments, dim=-1)
 
 

@@ -1,0 +1,461 @@
+"""MRConv / MRConvNeXt performance targets of issue 7, measured side by side in one run.
+
+    python benchmarks/benchmark.py                 # all targets, CPU (or CUDA with bf16 autocast if present)
+    python benchmarks/benchmark.py --quick         # fewer repeats, skips the slow plain-autograd reference
+    python benchmarks/benchmark.py --targets 3,4   # a subset
+
+Method: every comparison runs its candidates round-robin in this process (baseline, candidate,
+baseline, ...) after warm-up runs, and reports the median of the repeats, so slow drifts of a
+shared machine hit both sides alike. Peak training memory on the CPU is the growth of the
+peak resident set (``VmHWM``) over one training step, measured in a fresh subprocess per model;
+on CUDA it is ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import timm
+import torch
+
+import mrconvnext
+from mrconvnext import MRConv, MRConv2d, fft_length
+
+STAGE_SHAPES = [  # (D, H, W, kernel_size): MRConvNeXt-T stages at 224x224
+    (96, 56, 56, 196),
+    (192, 28, 28, 49),
+    (384, 14, 14, 28),
+    (768, 7, 7, 28),
+]
+LONG = dict(batch=4, dim=256, seq_len=16384, kernel_size=64, max_resolutions=9)  # LRA-like, 9 resolutions
+
+
+@dataclass
+class Row:
+    target: str
+    what: str
+    baseline: str
+    base_value: float
+    candidate: str
+    cand_value: float
+    unit: str
+    goal: str  # e.g. ">= 0.85" on the ratio candidate/baseline (or baseline/candidate for throughput)
+    ratio: float
+
+    def met(self) -> str:
+        op, bound = self.goal.split()
+        return "yes" if (self.ratio >= float(bound) if op == ">=" else self.ratio <= float(bound)) else "NO"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, run round-robin after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_idx in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_idx >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ----------------------------------------------------------------------------- models
+def create_model(name: str, device: torch.device, train: bool, norm: str = "batch") -> torch.nn.Module:
+    kwargs = {"mrconv_kwargs": {"norm": norm}} if name.startswith("mrconvnext") and norm != "batch" else {}
+    model = timm.create_model(name, **kwargs).to(device)
+    if name.startswith("mrconvnext") and not train:
+        model.reparameterize()
+    return model.train(train)
+
+
+def train_step_fn(model: torch.nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+    """One SGD step (forward, cross-entropy backward, optimizer step) on a fixed random batch."""
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        with autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_inference(args, device) -> list[Row]:
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    models = {"convnext_tiny": create_model("convnext_tiny", device, False)}
+    models["mrconvnext_tiny (deploy)"] = create_model("mrconvnext_tiny", device, False)
+    with torch.no_grad(), autocast(device):
+        fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
+        t = compare(fns, args.repeats, 1, device)
+    base, cand = (args.batch / t[name] for name in models)
+    goal = ">= 0.9" if device.type == "cuda" else ">= 0.85"
+    return [
+        Row(
+            "1",
+            "inference, images/s",
+            "convnext_tiny",
+            base,
+            "mrconvnext_tiny deploy",
+            cand,
+            "img/s",
+            goal,
+            cand / base,
+        )
+    ]
+
+
+def peak_train_memory(name: str, norm: str, batch: int, device: torch.device) -> float:
+    """Peak memory (MiB) of one training step above the loaded model, in a fresh process on the CPU."""
+    if device.type == "cuda":
+        model = create_model(name, device, True, norm)
+        step = train_step_fn(model, batch, device)
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = (
+        "import sys, json; sys.argv = ['x']; from benchmarks.benchmark import _child_memory; "
+        f"print(json.dumps(_child_memory({name!r}, {norm!r}, {batch}, {torch.get_num_threads()})))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _child_memory(name: str, norm: str, batch: int, threads: int) -> float:
+    """Peak resident memory growth (MiB) over one training step.
+
+    Uses ``VmHWM`` of this fresh process, reset to the current RSS just before the step
+    (``ru_maxrss`` would not do: Linux carries it over from the parent through fork and exec).
+    """
+    torch.set_num_threads(threads)
+    model = create_model(name, torch.device("cpu"), True, norm)
+    step = train_step_fn(model, batch, torch.device("cpu"))
+    for p in model.parameters():  # gradients exist before the measured step, as in steady-state training
+        p.grad = torch.zeros_like(p)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def bench_training(args, device, targets) -> list[Row]:
+    names = {"convnext_tiny": ("convnext_tiny", "batch")}
+    if "2" in targets:
+        names["mrconvnext_tiny (BN)"] = ("mrconvnext_tiny", "batch")
+    if "5" in targets:
+        names["mrconvnext_tiny (scale)"] = ("mrconvnext_tiny", "scale")
+    steps = {}
+    for label, (name, norm) in names.items():
+        steps[label] = train_step_fn(create_model(name, device, True, norm), args.batch, device)
+    t = compare(steps, args.train_repeats, 1, device)
+    rows = []
+    base = t["convnext_tiny"]
+    if "2" in targets:
+        cand = t["mrconvnext_tiny (BN)"]
+        rows.append(
+            Row("2", "train step time", "convnext_tiny", base, "mrconvnext_tiny BN", cand, "s", "<= 1.5", cand / base)
+        )
+        mem_base = peak_train_memory("convnext_tiny", "batch", args.batch, device)
+        mem = peak_train_memory("mrconvnext_tiny", "batch", args.batch, device)
+        rows.append(
+            Row(
+                "2",
+                "train step peak memory",
+                "convnext_tiny",
+                mem_base,
+                "mrconvnext_tiny BN",
+                mem,
+                "MiB",
+                "<= 1.5",
+                mem / mem_base,
+            )
+        )
+    if "5" in targets:
+        cand = t["mrconvnext_tiny (scale)"]
+        rows.append(
+            Row(
+                "5",
+                "train step time",
+                "convnext_tiny",
+                base,
+                "mrconvnext_tiny scale",
+                cand,
+                "s",
+                "<= 1.15",
+                cand / base,
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- layers
+def fft_pair(x: torch.Tensor, n: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.fft.irfft(torch.fft.rfft(x, n=n), n=n)
+
+
+def deploy_layer(dim: int, seq_len: int, kernel_size: int, max_res: int, device, two_d: bool = True) -> MRConv:
+    cls = MRConv2d if two_d else MRConv
+    layer = cls(dim, seq_len, kernel_size, kernel_type="fourier", max_resolutions=max_res).to(device).eval()
+    layer.reparameterize()
+    return layer
+
+
+def bench_deploy_layers(args, device) -> list[Row]:
+    rows = []
+    shapes = [(args.batch, d, h, w, k, 5) for d, h, w, k in STAGE_SHAPES]
+    shapes.append((LONG["batch"], LONG["dim"], 1, LONG["seq_len"], LONG["kernel_size"], LONG["max_resolutions"]))
+    for batch, dim, height, width, kernel_size, max_res in shapes:
+        seq_len = height * width
+        two_d = height > 1
+        layer = deploy_layer(dim, seq_len, kernel_size, max_res, device, two_d)
+        x = torch.randn((batch, dim, height, width) if two_d else (batch, dim, seq_len), device=device)
+        n = fft_length(seq_len, layer.deploy_kernel_len, True)
+        flat = x.reshape(batch, dim, seq_len)
+        with torch.no_grad():
+            t = compare({"fft": fft_pair(flat, n), "layer": lambda layer=layer, x=x: layer(x)}, args.repeats, 2, device)
+        rows.append(
+            Row(
+                "3",
+                f"deploy layer B={batch} D={dim} L={seq_len}",
+                f"rfft+irfft n={n}",
+                t["fft"] * 1e3,
+                "MRConv deploy fwd",
+                t["layer"] * 1e3,
+                "ms",
+                "<= 1.2",
+                t["layer"] / t["fft"],
+            )
+        )
+    return rows
+
+
+def bench_long_train(args, device, targets) -> list[Row]:
+    batch, dim, seq_len = LONG["batch"], LONG["dim"], LONG["seq_len"]
+    kernel_size, max_res = LONG["kernel_size"], LONG["max_resolutions"]
+    x = torch.randn(batch, dim, seq_len, device=device, requires_grad=True)
+    grad = torch.randn(batch, dim, seq_len, device=device)
+    layer = MRConv(dim, seq_len, kernel_size, kernel_type="fourier", max_resolutions=max_res).to(device).train()
+    num_res = layer.num_resolutions
+    n = fft_length(seq_len, max(layer.lengths), True)
+    rows = []
+
+    def fwd_bwd(fn):
+        def run():
+            fn(x).backward(grad)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+        return run
+
+    if "4" in targets:
+        u = x.detach()
+
+        def inherent_ffts() -> None:  # 1 rfft + N irfft forward; rfft(dy) + N rfft(c_i) + 1 irfft backward
+            u_f = torch.fft.rfft(u, n=n)
+            for _ in range(num_res):
+                torch.fft.irfft(u_f, n=n)
+            torch.fft.rfft(grad, n=n)
+            for _ in range(num_res):
+                torch.fft.rfft(u, n=n)
+            torch.fft.irfft(u_f, n=n)
+
+        kernel = torch.randn(num_res, dim, n, device=device)
+
+        def kernel_ffts() -> None:  # the N sub-kernel spectra and their gradients: no batch factor
+            torch.fft.irfft(torch.fft.rfft(kernel, n=n), n=n)
+
+        fns = {"ffts": inherent_ffts, "kernel_ffts": kernel_ffts, "fused": fwd_bwd(layer)}
+        if not args.quick:
+            fns["reference"] = fwd_bwd(lambda inp: layer._forward_branches_reference(inp, 1.0))
+        t = compare(fns, args.long_repeats, 1, device)
+        what = f"train layer fwd+bwd, N={num_res}"
+        rows.append(
+            Row(
+                "4",
+                what,
+                f"{2 * num_res + 3} FFTs alone",
+                t["ffts"] * 1e3,
+                "fused BN layer",
+                t["fused"] * 1e3,
+                "ms",
+                "<= 1.3",
+                t["fused"] / t["ffts"],
+            )
+        )
+        with_kernel = t["ffts"] + t["kernel_ffts"]
+        rows.append(
+            Row(
+                "4*",
+                what,
+                "+ kernel FFTs (N,D,n)",
+                with_kernel * 1e3,
+                "fused BN layer",
+                t["fused"] * 1e3,
+                "ms",
+                "<= 1.3",
+                t["fused"] / with_kernel,
+            )
+        )
+        if "reference" in t:
+            rows.append(
+                Row(
+                    "4*",
+                    what,
+                    f"{2 * num_res + 3} FFTs alone",
+                    t["ffts"] * 1e3,
+                    "plain autograd layer",
+                    t["reference"] * 1e3,
+                    "ms",
+                    "<= 1.3",
+                    t["reference"] / t["ffts"],
+                )
+            )
+    if "5" in targets:
+        stage_dim, height, width, stage_kernel = STAGE_SHAPES[0]
+        shapes = [
+            (batch, dim, seq_len, kernel_size, max_res, "fourier"),
+            (args.batch, stage_dim, height * width, stage_kernel, 5, "fourier_sparse"),
+        ]
+        for shape_batch, shape_dim, shape_len, shape_kernel, shape_res, kernel_type in shapes:
+            inp = torch.randn(shape_batch, shape_dim, shape_len, device=device, requires_grad=True)
+            out_grad = torch.randn_like(inp)
+            cfg = dict(kernel_type=kernel_type, max_resolutions=shape_res)
+            scale = MRConv(shape_dim, shape_len, shape_kernel, norm="scale", **cfg).to(device)
+            deploy = MRConv(shape_dim, shape_len, shape_kernel, **cfg).to(device).eval()
+            deploy.reparameterize()
+
+            def run(module, inp=inp, out_grad=out_grad):
+                return lambda: torch.autograd.grad(module(inp), [inp, *module.parameters()], out_grad)
+
+            t = compare({"deploy": run(deploy), "scale": run(scale)}, args.long_repeats, 1, device)
+            rows.append(
+                Row(
+                    "5",
+                    f"layer fwd+bwd B={shape_batch} D={shape_dim} L={shape_len} {kernel_type}",
+                    "deploy layer",
+                    t["deploy"] * 1e3,
+                    "norm='scale' layer",
+                    t["scale"] * 1e3,
+                    "ms",
+                    "<= 1.2",
+                    t["scale"] / t["deploy"],
+                )
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def machine_info(device: torch.device) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = [
+        f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"mrconvnext {mrconvnext.__version__}, {platform.platform()}",
+    ]
+    if device.type == "cuda":
+        info.append(f"GPU: {torch.cuda.get_device_name(device)} (bf16 autocast for targets 1, 2, 5)")
+    return info
+
+
+def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed: float) -> None:
+    header = ["target", "measurement", "baseline", "value", "candidate", "value", "unit", "ratio", "goal", "met"]
+    body = [
+        [
+            r.target,
+            r.what,
+            r.baseline,
+            f"{r.base_value:.4g}",
+            r.candidate,
+            f"{r.cand_value:.4g}",
+            r.unit,
+            f"{r.ratio:.3f}",
+            r.goal,
+            r.met(),
+        ]
+        for r in rows
+    ]
+    print(f"\n### {device.type.upper()} results")
+    for line in info:
+        print(f"- {line}")
+    print(
+        f"- wall time {elapsed:.0f} s; ratio = candidate / baseline (images/s for target 1); rows marked * are context\n"
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for line in body:
+        print("| " + " | ".join(line) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="1,2,3,4,5", help="comma-separated subset of 1-5")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no plain-autograd reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.repeats = 3 if args.quick else 7
+    args.train_repeats = 2 if args.quick else 3
+    args.long_repeats = 2 if args.quick else 3
+    targets = set(args.targets.split(","))
+    if not targets <= set("12345"):
+        raise SystemExit(f"--targets expects numbers 1-5, got {args.targets!r}")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    rows: list[Row] = []
+    if "3" in targets:
+        rows += bench_deploy_layers(args, device)
+    if targets & {"4", "5"}:
+        rows += bench_long_train(args, device, targets)
+    if "1" in targets:
+        rows += bench_inference(args, device)
+    if targets & {"2", "5"}:
+        rows += bench_training(args, device, targets)
+    rows.sort(key=lambda r: r.target)
+    print_table(rows, device, machine_info(device), time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

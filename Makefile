@@ -23,6 +23,9 @@ test-slow: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mrconvnext.selfcheck
 
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/benchmark.py
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -38,9 +38,15 @@ __all__ = ["branch_bn_conv", "conv_buffer", "channel_chunk"]
 _CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
 
 
-def channel_chunk(batch: int, n: int, dim: int, itemsize: int = 4) -> int:
-    """Channels per block so that ``batch * chunk * n`` real values take about ``_CHUNK_BYTES``."""
-    return max(1, min(dim, _CHUNK_BYTES // max(1, batch * n * itemsize)))
+def channel_chunk(x: torch.Tensor, n: int) -> int:
+    """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values take about ``_CHUNK_BYTES``.
+
+    On the CPU only: a GPU wants the whole tensor in one launch.
+    """
+    batch, dim = x.shape[0], x.shape[1]
+    if x.device.type != "cpu":
+        return dim
+    return max(1, min(dim, _CHUNK_BYTES // max(1, batch * n * x.element_size())))
 
 
 class _PaddedRfft:
@@ -77,7 +83,7 @@ class _ConvBuffer(torch.autograd.Function):
         k_f = torch.fft.rfft(kb, n=n)
         u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
         y = u.new_empty(batch, dim, seq_len)
-        step = channel_chunk(batch, n, dim, u.element_size())
+        step = channel_chunk(u, n)
         rfft = _PaddedRfft(u, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
@@ -97,7 +103,7 @@ class _ConvBuffer(torch.autograd.Function):
         batch, dim, _ = u_f.shape
         grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
         grad_kb_f = torch.empty_like(k_f)
-        step = channel_chunk(batch, n, dim, grad_y.element_size())
+        step = channel_chunk(grad_y, n)
         rfft = _PaddedRfft(grad_y, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
@@ -123,7 +129,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         mean = u.new_empty(num_branches, dim)
         var = u.new_empty(num_branches, dim)
         y = u.new_empty(batch, dim, seq_len)
-        step = channel_chunk(batch, n, dim, u.element_size())
+        step = channel_chunk(u, n)
         rfft = _PaddedRfft(u, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
@@ -162,7 +168,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         dot_hat = torch.empty_like(mean)  # sum_{b,t} dy c_hat_i, (N, D)
         grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
         grad_kb_f = torch.empty_like(k_f)
-        step = channel_chunk(batch, n, dim, grad_y.element_size())
+        step = channel_chunk(grad_y, n)
         rfft = _PaddedRfft(grad_y, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)

@@ -155,7 +155,7 @@ def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int, bias: torch.Te
     """
     batch, dim, seq_len = u.shape
     y = u.new_empty(batch, dim, seq_len)
-    step = channel_chunk(batch, n, dim, u.element_size())
+    step = channel_chunk(u, n)
     for start in range(0, dim, step):
         block = slice(start, start + step)
         y_f = torch.fft.rfft(u[:, block], n=n).mul_(k_f[block])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mrconvnext import MRConv, MRConv2d
+from mrconvnext._mrconv_autograd import branch_bn_conv, conv_buffer
 from mrconvnext.fft_conv import fft_conv, fft_conv_spectrum, fft_length, kernel_spectrum, toeplitz_kernel
 
 from .reference import direct_conv, randomize_, rel_err
@@ -194,3 +195,29 @@ def test_fft_conv_still_matches_after_refactor():
     u = torch.randn(2, 3, 33, dtype=torch.float64)
     k = torch.randn(2, 3, 50, dtype=torch.float64)
     assert rel_err(fft_conv(u, k, True), direct_conv(u, k[..., :33], True)) < 1e-12
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fft_conv_gradients_match_direct_conv(bidirectional):
+    """``fft_conv``'s hand-written backward against autograd through ``conv1d`` (float64)."""
+    torch.manual_seed(3)
+    u = torch.randn(3, 4, 45, dtype=torch.float64, requires_grad=True)
+    k = torch.randn((2, 4, 60) if bidirectional else (4, 60), dtype=torch.float64, requires_grad=True)
+    u_ref = u.detach().clone().requires_grad_()
+    k_ref = k.detach().clone().requires_grad_()
+    weight = torch.randn(3, 4, 45, dtype=torch.float64)
+    (fft_conv(u, k, bidirectional) * weight).sum().backward()
+    (direct_conv(u_ref, k_ref[..., :45], bidirectional) * weight).sum().backward()
+    assert rel_err(u.grad, u_ref.grad) < 1e-12
+    assert rel_err(k.grad, k_ref.grad) < 1e-12
+
+
+def test_fused_functions_pass_gradcheck():
+    torch.manual_seed(4)
+    u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    kb = torch.randn(2, 3, 20, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, k, b: conv_buffer(u, k[0], b), (u, kb, bias))
+    gamma, beta, alpha = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    stats = (torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *args: branch_bn_conv(*args, *stats, 0.1, 1e-5), (u, kb, gamma, beta, alpha))

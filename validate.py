@@ -168,18 +168,22 @@ def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def checkpoint_metadata(path: str) -> dict:
-    """``num_classes`` / ``img_size`` saved beside the weights by the training script, if any (tensors mmapped)."""
+    """``num_classes`` / ``img_size`` a training run saved with its weights: top-level keys (this project's
+    training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
         return {}
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"cannot read checkpoint {path!r}: {e}") from e
     if not isinstance(checkpoint, dict):
         return {}
-    return {k: checkpoint[k] for k in ("num_classes", "img_size") if isinstance(checkpoint.get(k), (int, list, tuple))}
+    saved = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else {}
+    saved = {**saved, **checkpoint}
+    return {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
 
 
 def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained: bool) -> tuple[nn.Module, dict]:
@@ -297,22 +301,25 @@ def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, 
     """Evaluate one model (and checkpoint) on ``folder``; returns the result row."""
     model, model_kwargs = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     data_config = resolve_input_data_config(model, {**vars(args), "model_kwargs": model_kwargs}, use_test_size=True)
-    in_chans = data_config["input_size"][0]
-    dataset = ImageDataset(
-        folder,
-        class_map=args.class_map,
-        input_img_mode="RGB" if in_chans == 3 else "L",
-        transform=create_transform(**data_config, is_training=False),
-    )
     try:
+        dataset = ImageDataset(
+            folder,
+            class_map=args.class_map,
+            input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
+            transform=create_transform(**data_config, is_training=False),
+        )
         check_num_classes(dataset.reader.class_to_idx, model.num_classes, args.class_map)
-    except ValueError as e:
+    except (AssertionError, OSError, ValueError, pickle.UnpicklingError) as e:  # timm asserts on a missing class map
         raise UsageError(str(e)) from e
+    if not len(dataset):
+        raise UsageError(f"no class folder of {folder!r} is named in class map {args.class_map!r}")
 
     if args.compare_reparam:
         forms = {"train": model, "deploy": reparameterize_model(model)}
+    elif args.reparam:
+        forms = {"deploy": reparameterize_model(model)}
     else:
-        forms = {"deploy" if args.reparam else "train": reparameterize_model(model) if args.reparam else model}
+        forms = {"train": model}
     params = {form: _param_millions(m) for form, m in forms.items()}
     forms = {form: prepare_model(m, args, accelerator.device) for form, m in forms.items()}
     _logger.info(f"Model {name} ({', '.join(f'{k}: {v}M params' for k, v in params.items())}), data {data_config}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -205,6 +206,7 @@ ERROR_CASES = {
     "missing checkpoint": (None, ["--checkpoint", "missing.pth"], "checkpoint 'missing.pth' does not exist"),
     "unknown model": (None, ["--model", "mrconvnext_huge"], "unknown model 'mrconvnext_huge'"),
     "class map of another size": (None, ["--class-map", "CLASS_MAP"], "(class map"),
+    "missing class map": (None, ["--class-map", "nowhere.txt"], "Cannot locate specified class map file"),
 }
 
 
@@ -268,6 +270,18 @@ def test_benchmark_mode(capsys) -> None:
     assert row["deploy_vs_baseline"] == pytest.approx(row["deploy_img_per_sec"] / row["baseline_img_per_sec"], rel=1e-2)
     baseline = timm.create_model("convnext_atto")
     assert row["baseline_param_count"] == round(sum(p.numel() for p in baseline.parameters()) / 1e6, 2)
+
+
+def test_checkpoint_metadata_layouts(tmp_path) -> None:
+    """This project's training checkpoints save the values at top level, timm's ``train.py`` in ``args``."""
+    weights = {"w": torch.zeros(2)}
+    ours, timm_style, bare = tmp_path / "ours.pth", tmp_path / "timm.pth.tar", tmp_path / "bare.pth"
+    torch.save({"state_dict": weights, "num_classes": 7, "img_size": 64}, ours)
+    torch.save({"state_dict": weights, "args": argparse.Namespace(num_classes=10, img_size=None)}, timm_style)
+    torch.save(weights, bare)
+    assert validate.checkpoint_metadata(str(ours)) == {"num_classes": 7, "img_size": 64}
+    assert validate.checkpoint_metadata(str(timm_style)) == {"num_classes": 10}
+    assert validate.checkpoint_metadata(str(bare)) == {}
 
 
 def test_find_image_folder_prefers_split_dir(data_root) -> None:

@@ -39,6 +39,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from timm.data import ImageDataset, create_transform, resolve_input_data_config
 from timm.models import (
     create_model,
@@ -73,8 +74,9 @@ group.add_argument("--pretrained", action="store_true", help="use the model's pr
 group.add_argument("--checkpoint", default="", metavar="PATH", help="checkpoint file, or a folder of checkpoints")
 group.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint if present")
 group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
-group.add_argument("--reparam", action="store_true", help="reparameterize the model (deploy form) before evaluation")
-group.add_argument("--compare-reparam", action="store_true", help="evaluate train and deploy forms and compare them")
+forms_group = group.add_mutually_exclusive_group()
+forms_group.add_argument("--reparam", action="store_true", help="reparameterize the model (deploy form) first")
+forms_group.add_argument("--compare-reparam", action="store_true", help="evaluate train and deploy forms, compare")
 
 group = parser.add_argument_group("Preprocessing (model pretrained cfg by default)")
 group.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
@@ -240,7 +242,12 @@ def prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.devi
 
 @torch.inference_mode()
 def evaluate(
-    forms: dict[str, nn.Module], loader, accelerator, args: argparse.Namespace, input_size: tuple, desc: str
+    forms: dict[str, nn.Module],
+    loader: DataLoader,
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    input_size: tuple,
+    desc: str,
 ) -> dict:
     """Evaluate every form on the same batches; per-sample metrics are gathered across processes.
 
@@ -297,7 +304,7 @@ def evaluate(
     return out
 
 
-def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, accelerator) -> dict:
+def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, accelerator: Accelerator) -> dict:
     """Evaluate one model (and checkpoint) on ``folder``; returns the result row."""
     model, model_kwargs = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     data_config = resolve_input_data_config(model, {**vars(args), "model_kwargs": model_kwargs}, use_test_size=True)
@@ -430,27 +437,32 @@ def benchmark(args: argparse.Namespace, name: str, checkpoint: str, device: torc
     return row
 
 
+def read_results(path: str) -> list[dict]:
+    """The rows already in a results file (none if it is missing or empty)."""
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        return []
+    with open(path, newline="") as f:
+        if not path.lower().endswith(".json"):
+            return list(csv.DictReader(f))
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"results file {path!r} is not a JSON list of results: {e}") from e
+    if not isinstance(rows, list):
+        raise UsageError(f"results file {path!r} is not a JSON list of results")
+    return rows
+
+
 def write_results(path: str, rows: list[dict]) -> None:
     """Append ``rows`` to ``path`` (a JSON list for ``.json``, else CSV over the union of columns), atomically."""
-    is_json = path.lower().endswith(".json")
-    existing = []
-    if os.path.isfile(path) and os.path.getsize(path):
-        with open(path, newline="") as f:
-            try:
-                existing = json.load(f) if is_json else list(csv.DictReader(f))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"results file {path!r} is not a JSON list of results: {e}") from e
-        if not isinstance(existing, list):
-            raise UsageError(f"results file {path!r} is not a JSON list of results")
-    rows = existing + rows
+    rows = read_results(path) + rows
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
-        if is_json:
+        if path.lower().endswith(".json"):
             json.dump(rows, f, indent=2)
             f.write("\n")
         else:
-            columns = list(dict.fromkeys(k for row in rows for k in row))
-            writer = csv.DictWriter(f, fieldnames=columns)
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
             writer.writerows(rows)
     os.replace(tmp, path)
@@ -458,6 +470,8 @@ def write_results(path: str, rows: list[dict]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     entries = model_entries(args)
+    if args.results_file:
+        read_results(args.results_file)  # fail before evaluating, not after
     if args.benchmark:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--benchmark times one process; run it without torchrun / accelerate launch")
@@ -465,14 +479,10 @@ def _run(args: argparse.Namespace) -> int:
         is_main = True
         run = partial(benchmark, args, device=device)
     else:
-        if args.reparam and args.compare_reparam:
-            raise UsageError("--reparam and --compare-reparam are exclusive (--compare-reparam evaluates both forms)")
         try:
             folder = find_image_folder(args.data_dir or args.data)
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from e
-        from accelerate import Accelerator
-
         accelerator = Accelerator(cpu=resolve_device(args) == "cpu")
         is_main = accelerator.is_main_process
         if not is_main:

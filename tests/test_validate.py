@@ -207,6 +207,7 @@ ERROR_CASES = {
     "unknown model": (None, ["--model", "mrconvnext_huge"], "unknown model 'mrconvnext_huge'"),
     "class map of another size": (None, ["--class-map", "CLASS_MAP"], "(class map"),
     "missing class map": (None, ["--class-map", "nowhere.txt"], "Cannot locate specified class map file"),
+    "results file of another format": (None, ["--results-file", "BAD_RESULTS"], "is not a JSON list of results"),
 }
 
 
@@ -219,7 +220,9 @@ def test_errors_are_reported_with_nonzero_status(case, capsys, tmp_path, data_ro
         make_data(root)
     class_map = tmp_path / "classes.txt"
     class_map.write_text("\n".join(f"class{c}" for c in range(NUM_CLASSES + 1)))
-    extra = [str(class_map) if a == "CLASS_MAP" else a for a in extra]
+    bad_results = tmp_path / "results.json"
+    bad_results.write_text(json.dumps({"top1": 50.0}))
+    extra = [{"CLASS_MAP": str(class_map), "BAD_RESULTS": str(bad_results)}.get(a, a) for a in extra]
     assert validate.main(_argv(root, checkpoint, *extra)) == 1
     captured = capsys.readouterr()
     assert message in captured.err

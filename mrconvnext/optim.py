@@ -8,6 +8,7 @@ and other 1-D parameters get no weight decay, as is standard in timm.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,8 @@ def mrconv_param_groups(
     * kernel: the sub-kernel parameters of every :class:`MRConv` (train form) or its merged kernel
       (deploy form), with ``lr=kernel_lr`` and ``weight_decay=kernel_weight_decay``;
     * no decay: MRConv branch norms, ``alpha`` and bias, every parameter with ``ndim <= 1`` or a
-      name ending in ``.bias``, and names in ``no_weight_decay_list`` or ``model.no_weight_decay()``;
+      name ending in ``.bias``, and names matching ``no_weight_decay_list`` or ``model.no_weight_decay()``
+      (fnmatch patterns, as in timm);
       ``weight_decay=0`` and the optimizer's learning rate;
     * decay: everything else, with ``weight_decay`` and the optimizer's learning rate.
 
@@ -63,7 +65,12 @@ def mrconv_param_groups(
             continue
         if id(param) in kernel_ids:
             kernel.append(param)
-        elif id(param) in no_decay_ids or param.ndim <= 1 or name.endswith(".bias") or name in skip:
+        elif (
+            id(param) in no_decay_ids
+            or param.ndim <= 1
+            or name.endswith(".bias")
+            or any(fnmatch.fnmatch(name, pattern) for pattern in skip)
+        ):
             no_decay.append(param)
         else:
             decay.append(param)

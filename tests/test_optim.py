@@ -85,7 +85,7 @@ class TinyConvNet(nn.Module):
         self.head = nn.Linear(8, 5)
 
     def no_weight_decay(self):
-        return {"head.weight"}
+        return {"he*.weight"}  # fnmatch pattern, as timm allows
 
 
 def test_groups_for_2d_models_and_no_weight_decay_method():
@@ -99,3 +99,17 @@ def test_groups_for_2d_models_and_no_weight_decay_method():
     assert {kind(groups, owner[id(p)]) for p in (layer.alpha, layer.norm.weight, layer.norm.bias)} == {"no_decay"}
     assert kind(groups, owner[id(model.head.weight)]) == "no_decay"
     assert kind(groups, owner[id(model.stem.weight)]) == "decay"
+
+
+def test_groups_for_mrconvnext():
+    model = timm.create_model("mrconvnext_atto")
+    groups = mrconv_param_groups(model, weight_decay=0.05, kernel_lr=1e-3)
+    owner = group_of(groups)
+    assert set(owner) == {id(p) for p in model.parameters()}
+    layers = [m for m in model.modules() if isinstance(m, MRConv)]
+    assert layers
+    for layer in layers:
+        assert {kind(groups, owner[id(p)]) for p in layer.kernel.parameters()} == {"kernel"}
+        assert {kind(groups, owner[id(p)]) for p in (layer.alpha, *layer.norm.parameters())} == {"no_decay"}
+    decayed = [n for n, p in model.named_parameters() if kind(groups, owner[id(p)]) == "decay"]
+    assert decayed and all(p.ndim >= 2 for n, p in model.named_parameters() if n in decayed)

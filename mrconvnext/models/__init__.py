@@ -1,5 +1,4 @@
-"""timm model registrations of mrconvnext."""
+"""Models registered with timm's registry on import."""
 
-from .sequence import MRConvSequenceBlock, MRConvSequenceModel
-
-__all__ = ["MRConvSequenceBlock", "MRConvSequenceModel"]
+from .mrconvnext import *  # noqa: F403
+from .sequence import MRConvSequenceBlock, MRConvSequenceModel  # noqa: F401

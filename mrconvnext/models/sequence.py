@@ -283,8 +283,8 @@ class MRConvSequenceModel(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def _forward_backbone(
         self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None, rate: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Features ``(N, D, L)`` of the ``N = B`` (``2B`` for pairs) sequences and their mask ``(N, 1, L)``."""
+    ) -> torch.Tensor:
+        """Features ``(N, D, L)`` of the ``N = B`` (``2B`` for pairs) sequences."""
         batch = x.shape[0] if isinstance(x, torch.Tensor) else 0
         seqs = self._check_input(x)
         mask = None
@@ -302,14 +302,13 @@ class MRConvSequenceModel(nn.Module):
             h = h * mask
         for block in self.blocks:
             h = block(h, mask, rate=rate)
-        return self.norm(h), mask
+        return self.norm(h)
 
     def forward_features(
         self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None, rate: float = 1.0
     ) -> torch.Tensor:
         """Per-position features ``(B, L, D)`` (``(B, 2, L, D)`` for pairs); padded positions are not zeroed."""
-        h, _ = self._forward_backbone(x, lengths, rate)
-        h = h.transpose(1, 2)
+        h = self._forward_backbone(x, lengths, rate).transpose(1, 2)
         if self.pair_input:
             h = h.view(2, -1, *h.shape[1:]).transpose(0, 1)
         return h

@@ -185,7 +185,8 @@ def test_train_and_deploy_forms_agree(name: str, img_size: int) -> None:
     with torch.no_grad():
         ref = model(x)
         via_timm = reparameterize_model(model)  # deep copy
-        assert all(layer.deploy for layer in _mrconvs(via_timm)) and not any(m.deploy for m in _mrconvs(model))
+        assert via_timm.deploy and all(layer.deploy for layer in _mrconvs(via_timm))
+        assert not model.deploy and not any(layer.deploy for layer in _mrconvs(model))
         assert rel_err(via_timm(x), ref) < 1e-4
 
         model.reparameterize()

@@ -68,7 +68,6 @@ class MRConvNeXt(ConvNeXt):
         # 1x1 placeholders for the depthwise convs, replaced by MRConv2d below
         super().__init__(kernel_sizes=1, device=device, dtype=dtype, **kwargs)
         self.img_size = to_2tuple(img_size)
-        self.deploy = deploy
         self.mrconv_cfgs: list[dict[str, Any]] = []
         height, width = self.img_size
         kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
@@ -117,13 +116,17 @@ class MRConvNeXt(ConvNeXt):
         """
         return {"*.conv_dw.norm.*", "*.conv_dw.alpha", "*.conv_dw.kernel.scale"}
 
+    @property
+    def deploy(self) -> bool:
+        """Whether every MRConv is in its reparameterized form (also after ``timm.utils.reparameterize_model``)."""
+        return all(module.deploy for module in self.modules() if isinstance(module, MRConv))
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold every MRConv into its deploy form in place (Eqs. 8, 13, 18); idempotent."""
         for module in self.modules():
             if isinstance(module, MRConv):
                 module.reparameterize()
-        self.deploy = True
 
 
 def _select_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +186,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
         if k in expected and not shape_ok(k)
     ]
     if missing or unexpected or mismatched:
-        form = "deploy" if getattr(model, "deploy", False) else "train"
+        form = "deploy" if model.deploy else "train"
         problems = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:

@@ -1,10 +1,12 @@
 """torch.hub entry points: ``torch.hub.load(repo_dir, 'mrconvnext_tiny', source='local', pretrained=False)``.
 
-Each entry point forwards its keyword arguments to ``timm.create_model``; ``pretrained=True`` takes the
-same weight path (and the same error while no weights are published) as timm.
+One entry point per model this package registers with timm (MRConvNeXt and the sequence models); each
+forwards its keyword arguments to ``timm.create_model``, so ``pretrained=True`` takes timm's weight
+path (and, while no weights are published, the same error).
 """
 
 import timm
+from timm.models import model_entrypoint
 
 import mrconvnext  # noqa: F401  (registers the models with timm)
 
@@ -20,8 +22,5 @@ def _entrypoint(model_name: str):
     return create
 
 
-mrconvnext_atto = _entrypoint("mrconvnext_atto")
-mrconvnext_nano = _entrypoint("mrconvnext_nano")
-mrconvnext_tiny = _entrypoint("mrconvnext_tiny")
-mrconvnext_small = _entrypoint("mrconvnext_small")
-mrconvnext_base = _entrypoint("mrconvnext_base")
+MODEL_NAMES = [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("mrconvnext.")]
+globals().update({name: _entrypoint(name) for name in MODEL_NAMES})

@@ -91,9 +91,8 @@ def test_safetensors_file(tmp_path, trained) -> None:
     [
         ("bare", "", False, False),
         ("state_dict", "module.", False, False),
-        ("state_dict_ema", "_orig_mod.", False, False),
-        ("model", "_orig_mod.module.", False, True),  # train form folded on load into a deploy model
-        ("state_dict_ema", "module.", False, True),
+        ("state_dict_ema", "_orig_mod.", False, True),  # train form folded on load into a deploy model
+        ("model", "_orig_mod.module.", False, True),
         ("state_dict", "", True, True),
     ],
 )
@@ -268,8 +267,9 @@ def test_torch_hub_local(offline_hub) -> None:
     spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)
-    entry_points = sorted(n for n in dir(hubconf) if callable(getattr(hubconf, n)) and n.startswith("mrconvnext"))
-    assert entry_points == timm.list_models("mrconvnext*")
+    entry_points = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and n.startswith("mrconv")}
+    assert entry_points == set(hubconf.MODEL_NAMES) and set(timm.list_models("mrconvnext*")) <= entry_points
+    assert hubconf.mrconvnext_atto.__doc__ == "timm.create_model('mrconvnext_atto', pretrained=pretrained, **kwargs)"
 
     model = torch.hub.load(str(REPO), "mrconvnext_tiny", source="local", pretrained=False, img_size=SIZE)
     assert isinstance(model, MRConvNeXt) and not model.deploy

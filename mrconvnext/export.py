@@ -21,7 +21,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import to_2tuple
-from timm.models import load_state_dict
+from timm.models import load_state_dict, split_model_name_tag
 from timm.models._hub import save_for_hf
 
 from .models.mrconvnext import MRConvNeXt
@@ -66,6 +66,8 @@ def export_model(
     Returns the model and, for a deploy export of a train-form checkpoint with ``verify``, the relative
     difference between both forms' logits (nothing is written if it exceeds ``tolerance``).
     """
+    if split_model_name_tag(model_name)[0] not in timm.list_models("mrconvnext*"):
+        raise ValueError(f"{model_name!r} is not an MRConvNeXt; expected one of {timm.list_models('mrconvnext*')}")
     state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)  # weights_only / safetensors, prefixes removed
     model_args = dict(model_args or {})
     model_args.pop("deploy", None)
@@ -91,8 +93,6 @@ def export_model(
         deploy=deploy,
         **model_args,
     )
-    if not isinstance(model, MRConvNeXt):
-        raise ValueError(f"{model_name!r} is not an MRConvNeXt; expected one of {timm.list_models('mrconvnext*')}")
     error = None
     if deploy and verify and not any(k.endswith(".conv_dw.weight") for k in state_dict):  # train-form checkpoint
         error = _verify(model_name, state_dict, model, dict(model_args, num_classes=num_classes))

@@ -204,6 +204,8 @@ def test_export_rejects_a_mismatched_checkpoint(tmp_path, trained) -> None:
     with pytest.raises(RuntimeError, match="shape mismatch"):
         export_model("mrconvnext_nano", checkpoint, tmp_path / "out", model_args=dict(img_size=SIZE))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="'resnet18' is not an MRConvNeXt"):
+        export_model("resnet18", checkpoint, tmp_path / "out")
 
 
 _HUB_SCRIPT = """

@@ -321,9 +321,15 @@ class MRConv(nn.Module):
         direct = seq_len <= _TOEPLITZ_MAX_LEN
         n = fft_length(seq_len, self.deploy_kernel_len, self.bidirectional)
         key = (seq_len, direct, x.device, compute_dtype)
-        version = (self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
+        # inference tensors (built under torch.inference_mode) have no version counter: never cached
+        cacheable = not (self.weight.is_inference() or self.bias.is_inference())
+        version = (
+            (self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
+            if cacheable
+            else None
+        )
         cached = self._spectrum_cache.get(key)
-        if cached is None or cached[0] != version:
+        if cached is None or cached[0] != version or not cacheable:
             weight = self.weight.detach().to(compute_dtype)
             if direct:
                 kernel = toeplitz_kernel(weight, seq_len, self.bidirectional)
@@ -331,7 +337,9 @@ class MRConv(nn.Module):
                 kernel = kernel_spectrum(weight, seq_len, n, self.bidirectional)
             if len(self._spectrum_cache) >= _CACHE_SIZE:
                 self._spectrum_cache.clear()
-            cached = self._spectrum_cache[key] = (version, kernel)
+            cached = (version, kernel)
+            if cacheable:
+                self._spectrum_cache[key] = cached
         kernel = cached[1]
         bias = self.bias.detach().to(compute_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):

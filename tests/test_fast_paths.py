@@ -221,3 +221,16 @@ def test_fused_functions_pass_gradcheck():
     gamma, beta, alpha = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     stats = (torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
     assert torch.autograd.gradcheck(lambda *args: branch_bn_conv(*args, *stats, 0.1, 1e-5), (u, kb, gamma, beta, alpha))
+
+
+def test_deploy_layer_built_in_inference_mode_is_not_cached():
+    """Inference tensors have no version counter: the layer still runs, recomputing its spectrum."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = MRConv(4, 150, 10).eval()
+        layer.reparameterize()
+        x = torch.randn(2, 4, 150)
+        y = layer(x)
+        layer.weight.mul_(2.0)
+        assert rel_err(layer(x), 2 * y - layer.bias[:, None]) < 1e-5
+        assert not layer._spectrum_cache

@@ -44,7 +44,7 @@ COMBINE_MODES = ("sum", "concat")
 NORM_TYPES = ("batch", "scale")
 
 # Sequences up to this length use a dense Toeplitz matmul in the cached inference path: at
-# L = 49 it is ~2.7x faster than rfft + irfft on a 2-core CPU, at L = 196 ~1.3x slower.
+# L = 49 it was 2.7x faster than rfft + mul + irfft (1 CPU thread), at L = 196 1.3x slower.
 _TOEPLITZ_MAX_LEN = 128
 _CACHE_SIZE = 8
 

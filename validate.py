@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import itertools
 import json
 import logging
 import os
@@ -230,11 +229,7 @@ def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained
 def prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
     model = model.to(device)
     if args.channels_last:
-        # not model.to(memory_format=...): that rejects the 5-D sub-kernel parameters of train-form MRConv layers
-        with torch.no_grad():
-            for tensor in itertools.chain(model.parameters(), model.buffers()):
-                if tensor.dim() == 4:
-                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     return model

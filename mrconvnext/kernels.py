@@ -116,7 +116,13 @@ class FourierKernel(SubKernels):
         super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
         self.num_modes = math.ceil(kernel_size / 2)
         std = 1.0 / math.sqrt(2 * self.num_modes)
-        self.modes = nn.Parameter(torch.randn(len(lengths), num_directions, dim, self.num_modes, 2) * std)
+        # (N, dirs, D, 2 * modes): real/imaginary interleaved; at most 4-D so that
+        # ``model.to(memory_format=torch.channels_last)`` (timm's --channels-last) works
+        self.modes = nn.Parameter(torch.randn(len(lengths), num_directions, dim, 2 * self.num_modes) * std)
+
+    def coefficients(self) -> torch.Tensor:
+        """Complex Fourier coefficients ``(N, dirs, D, modes)``."""
+        return torch.view_as_complex(self.modes.contiguous().unflatten(-1, (self.num_modes, 2)))
 
     def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
         """Sub-kernels sampled at ``1 / rate`` times the training rate.
@@ -128,7 +134,7 @@ class FourierKernel(SubKernels):
         """
         if rate <= 0:
             raise ValueError(f"rate must be positive, got {rate}")
-        coeffs = torch.view_as_complex(self.modes)
+        coeffs = self.coefficients()
         kernels = []
         for i, (length, nominal) in enumerate(zip(self.lengths, self.nominal_lengths, strict=True)):
             n = max(1, round(nominal / rate))
@@ -176,13 +182,14 @@ class FourierSparseKernel(SubKernels):
         super().__init__(dim, kernel_size, lengths, nominal_lengths, num_directions)
         self.fourier = FourierKernel(dim, kernel_size, lengths, nominal_lengths, num_directions)
         self.sparse = SparseKernel(dim, kernel_size, lengths, nominal_lengths, num_directions)
-        self.scale = nn.Parameter(torch.ones(2, len(lengths), num_directions, dim, 1))
+        self.scale = nn.Parameter(torch.ones(2, len(lengths), num_directions, dim))
 
     def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
         self._check_rate(rate)
         fourier, sparse = self.fourier(), self.sparse()
         return [
-            self.scale[0, i] * f + self.scale[1, i] * s for i, (f, s) in enumerate(zip(fourier, sparse, strict=True))
+            self.scale[0, i, ..., None] * f + self.scale[1, i, ..., None] * s
+            for i, (f, s) in enumerate(zip(fourier, sparse, strict=True))
         ]
 
 

@@ -115,6 +115,20 @@ def test_forward_backward_reaches_every_parameter(name: str, kwargs: dict, size)
     assert not no_grad
 
 
+def test_channels_last_model_gives_same_output() -> None:
+    """timm's --channels-last does ``model.to(memory_format=torch.channels_last)``: no 5-D tensors may break it."""
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_atto", img_size=64).eval()
+    _randomize_model_(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        assert rel_err(model(x.contiguous(memory_format=torch.channels_last)), expected) < 1e-5
+        model.reparameterize()
+        assert rel_err(model(x), expected) < 1e-4
+
+
 def test_timm_api() -> None:
     model = timm.create_model("mrconvnext_atto", img_size=64, num_classes=5, global_pool="max").eval()
     x = torch.randn(2, 3, 64, 64)

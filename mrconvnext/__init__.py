@@ -3,6 +3,7 @@
 Importing the package registers its models with timm's registry.
 """
 
+from . import models  # noqa: F401  (registers the models with timm)
 from .fft_conv import fft_conv, fft_length, kernel_spectrum
 from .kernels import KERNEL_TYPES, create_kernel
 from .mrconv import MRConv, MRConv2d, resolution_lengths

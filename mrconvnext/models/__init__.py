@@ -1,0 +1,3 @@
+"""Models registered with timm's registry on import."""
+
+from .mrconvnext import *  # noqa: F403

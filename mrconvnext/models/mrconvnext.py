@@ -1,0 +1,304 @@
+"""MRConvNeXt: ConvNeXt with 1D multi-resolution global convolutions (MRConv paper, Section 5.4, Appendix D.5).
+
+Every block's 7x7 depthwise conv is replaced by an :class:`~mrconvnext.mrconv.MRConv2d` that flattens
+the ``H x W`` feature map row-major into one sequence and convolves it with a bidirectional global
+kernel; everything else (stem, downsampling, LayerNorm + MLP, layer scale, head) is timm's ConvNeXt.
+
+Paper defaults (Appendix D.5): at 224 x 224 the four stages see sequences of length
+``[3136, 784, 196, 49]``, the initial kernel lengths are ``[196, 49, 28, 28]``, at most 5 resolutions,
+bidirectional kernels, Fourier + sparse sub-kernels. The sequence lengths a model plans its kernels for
+follow ``img_size``. Other input sizes run (kernels are cut or zero-padded to the input length), but a
+1D kernel over flattened rows is tied to the feature-map width it was trained at: the lag that means
+"one row down" at the training width means something else at another width.
+
+Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts (``state_dict``,
+``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
+prefixes) in train or deploy form, and reparameterizes train-form MRConv weights on load into a
+``deploy=True`` model. No ImageNet weights are published yet; ``pretrained=True`` raises an error that
+says where it looked and how to load local weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple, to_ntuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._helpers import clean_state_dict
+from timm.models.convnext import ConvNeXt
+
+from ..mrconv import MRConv, MRConv2d
+
+__all__ = ["MRConvNeXt", "checkpoint_filter_fn"]
+
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # EMA first, as timm's load_state_dict
+
+
+class MRConvNeXt(ConvNeXt):
+    """ConvNeXt whose depthwise convs are bidirectional multi-resolution global convolutions.
+
+    Args:
+        img_size: training resolution the per-stage sequence lengths ``(H / s) * (W / s)`` are planned for.
+        kernel_sizes: initial kernel length ``l_0`` per stage (cut to the stage's sequence length).
+        kernel_type: MRConv sub-kernel parameterization (``'fourier_sparse'`` is the paper's best).
+        max_resolutions: cap on the number of resolutions per layer.
+        bidirectional: causal + anti-causal kernels, so every position sees the whole feature map.
+        deploy: build the reparameterized single-kernel form of every MRConv directly.
+        mrconv_kwargs: further keyword arguments passed unchanged to every ``MRConv2d``.
+        **kwargs: ConvNeXt arguments (``depths``, ``dims``, ``num_classes``, ``drop_path_rate``, ...).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        kernel_sizes: int | tuple[int, ...] = (196, 49, 28, 28),
+        kernel_type: str = "fourier_sparse",
+        max_resolutions: int | None = 5,
+        bidirectional: bool = True,
+        deploy: bool = False,
+        mrconv_kwargs: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # 1x1 placeholders for the depthwise convs, replaced by MRConv2d below
+        super().__init__(kernel_sizes=1, device=device, dtype=dtype, **kwargs)
+        self.img_size = to_2tuple(img_size)
+        self.deploy = deploy
+        self.mrconv_cfgs: list[dict[str, Any]] = []
+        height, width = self.img_size
+        kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
+        if len(kernel_sizes) != len(self.stages):
+            raise ValueError(f"kernel_sizes needs one length per stage ({len(self.stages)}), got {kernel_sizes}")
+        for stage_idx, (stage, info, kernel_size) in enumerate(
+            zip(self.stages, self.feature_info, kernel_sizes, strict=True)
+        ):
+            reduction = info["reduction"]
+            seq_len = (height // reduction) * (width // reduction)
+            if seq_len < 1:
+                raise ValueError(
+                    f"img_size={self.img_size} is too small: stage {stage_idx} (stride {reduction}) has no pixels"
+                )
+            cfg = dict(
+                dim=info["num_chs"],
+                seq_len=seq_len,
+                kernel_size=min(kernel_size, seq_len),
+                kernel_type=kernel_type,
+                bidirectional=bidirectional,
+                max_resolutions=max_resolutions,
+                **(mrconv_kwargs or {}),
+            )
+            self.mrconv_cfgs.append(cfg)
+            for block in stage.blocks:
+                block.conv_dw = self.create_mrconv(stage_idx, deploy=deploy, device=device, dtype=dtype)
+
+    def create_mrconv(
+        self,
+        stage_idx: int,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MRConv2d:
+        """A freshly initialized MRConv2d of stage ``stage_idx`` (train or deploy form)."""
+        with torch.device(device) if device is not None else nullcontext():
+            layer = MRConv2d(**self.mrconv_cfgs[stage_idx], deploy=deploy)
+        return layer.to(dtype=dtype) if dtype is not None else layer
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Per-branch gains and shifts (BN affine, alpha, Fourier/sparse mixing scales) stored as ``(N, D)``.
+
+        They are per-channel parameters that timm leaves undecayed when they are 1-D (one BatchNorm
+        per branch); stacking them per resolution must not change that.
+        """
+        return {"*.conv_dw.norm.*", "*.conv_dw.alpha", "*.conv_dw.kernel.scale"}
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold every MRConv into its deploy form in place (Eqs. 8, 13, 18); idempotent."""
+        for module in self.modules():
+            if isinstance(module, MRConv):
+                module.reparameterize()
+        self.deploy = True
+
+
+def _select_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model weights of a checkpoint file's dict: EMA weights when present, as timm's ``load_state_dict``."""
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _reparameterize_branches(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, Any]:
+    """Fold train-form MRConv weights of ``state_dict`` for a model whose MRConvs are in deploy form."""
+    for name, module in model.named_modules():
+        if not (isinstance(module, MRConv) and module.deploy):
+            continue
+        prefix = name + "."
+        branch_keys = [k for k in state_dict if k.startswith(prefix)]
+        if not branch_keys or prefix + "weight" in state_dict:
+            continue  # absent (reported by the key check) or already in deploy form
+        stage_idx = int(name.split(".")[1])
+        train_layer = model.create_mrconv(stage_idx, deploy=False)
+        train_layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in branch_keys})
+        kernel, bias = train_layer.merged_kernel()
+        state_dict[prefix + "weight"] = kernel
+        state_dict[prefix + "bias"] = bias
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, torch.Tensor]:
+    """Map a checkpoint of any supported layout to ``model``'s keys, or explain why it cannot load.
+
+    Accepts a bare state dict or a training checkpoint dict (``state_dict_ema`` / ``model_ema`` /
+    ``state_dict`` / ``model``), strips ``module.`` / ``_orig_mod.`` prefixes, and reparameterizes
+    train-form MRConv weights when ``model`` is in deploy form. The classifier and the input conv may
+    differ in shape (timm's ``load_pretrained`` adapts them for ``num_classes`` / ``in_chans``); any
+    other missing, unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
+    """
+    state_dict = clean_state_dict(_select_state_dict(state_dict))
+    state_dict = _reparameterize_branches(state_dict, model)
+    expected = model.state_dict()
+    cfg = getattr(model, "pretrained_cfg", {})
+    classifier = cfg.get("classifier") or "head.fc"
+    classifier_keys = {f"{classifier}.weight", f"{classifier}.bias"}
+    first_conv_weight = f"{cfg.get('first_conv') or 'stem.0'}.weight"
+
+    def shape_ok(key: str) -> bool:
+        have, want = tuple(state_dict[key].shape), tuple(expected[key].shape)
+        if have == want or key in classifier_keys:
+            return True
+        # input-channel count of the stem may differ: timm's adapt_input_conv handles it
+        return key == first_conv_weight and len(have) == 4 and have[:1] + have[2:] == want[:1] + want[2:]
+
+    missing = [k for k in expected if k not in state_dict and k not in classifier_keys]
+    unexpected = [k for k in state_dict if k not in expected and k not in classifier_keys]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state_dict
+        if k in expected and not shape_ok(k)
+    ]
+    if missing or unexpected or mismatched:
+        form = "deploy" if getattr(model, "deploy", False) else "train"
+        problems = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
+                problems.append(f"{len(items)} {title}: {shown}")
+        hint = ""
+        if form == "train" and any(k.endswith("conv_dw.weight") for k in unexpected):
+            hint = " The checkpoint looks reparameterized: create the model with deploy=True to load it."
+        raise RuntimeError(
+            f"Checkpoint is incompatible with {type(model).__name__} ({form} form, "
+            f"{cfg.get('architecture', 'unknown architecture')}): " + " | ".join(problems) + "." + hint
+        )
+    return state_dict
+
+
+def _weight_source(variant: str, kwargs: dict[str, Any]) -> str:
+    """Where ``pretrained=True`` looks for weights, in words, for error messages."""
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    ).to_dict()
+    if cfg.get("source") == "local-dir":
+        return f"local directory {cfg.get('file')!r}"
+    if cfg.get("file"):
+        return f"file {cfg['file']!r}"
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return f"Hugging Face Hub repo {cfg['hf_hub_id']!r} (local cache {HF_HUB_CACHE})"
+    return f"url {cfg.get('url')!r}"
+
+
+def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    build = dict(
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+    )
+    try:
+        return build_model_with_cfg(MRConvNeXt, variant, pretrained, **build, **kwargs)
+    except OSError as e:  # hub, network and file errors (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"Could not load pretrained weights for {variant} from {_weight_source(variant, kwargs)}: "
+            f"{type(e).__name__}: {e}\nNo MRConvNeXt ImageNet weights are published yet. To load local weights use "
+            f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/"
+            f"model.safetensors')) (a .pth training checkpoint works too), "
+            f"timm.create_model('local-dir:/path/to/export_dir', pretrained=True) for a directory written by "
+            f"`python -m mrconvnext.export`, or timm.create_model({variant!r}, checkpoint_path='/path/to/"
+            f"checkpoint.pth') for a checkpoint in the same (train or deploy) form as the model."
+        ) from e
+
+
+def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "hf_hub_id": hf_hub_id,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+        "paper_name": "Reparameterized Multi-Resolution Convolutions for Long Sequence Modelling",
+        **kwargs,
+    }
+
+
+# NOTE: nothing is published under these Hub ids yet; they name where released weights will live.
+default_cfgs = generate_default_cfgs(
+    {
+        "mrconvnext_atto.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_atto.in1k"),
+        "mrconvnext_nano.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_nano.in1k"),
+        "mrconvnext_tiny.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_tiny.in1k"),
+        "mrconvnext_small.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_small.in1k"),
+        "mrconvnext_base.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_base.in1k"),
+    }
+)
+
+
+@register_model
+def mrconvnext_atto(pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    """ConvNeXt-atto depths/widths (timm's, with its 1x1-conv MLP) and MRConv depthwise convs."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True)
+    return _create_mrconvnext("mrconvnext_atto", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mrconvnext_nano(pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    """ConvNeXt-nano depths/widths (timm's, with its 1x1-conv MLP) and MRConv depthwise convs."""
+    model_args = dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), conv_mlp=True)
+    return _create_mrconvnext("mrconvnext_nano", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mrconvnext_tiny(pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    """MRConvNeXt-T (Section 5.4): ConvNeXt-T depths/widths."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+    return _create_mrconvnext("mrconvnext_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mrconvnext_small(pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    """MRConvNeXt-S (Section 5.4): ConvNeXt-S depths/widths."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768))
+    return _create_mrconvnext("mrconvnext_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mrconvnext_base(pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    """MRConvNeXt-B (Section 5.4): ConvNeXt-B depths/widths."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))
+    return _create_mrconvnext("mrconvnext_base", pretrained=pretrained, **dict(model_args, **kwargs))

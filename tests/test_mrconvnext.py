@@ -1,0 +1,204 @@
+"""MRConvNeXt models: registry, structure (paper Appendix D.5), timm API, and train/deploy equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import reparameterize_model
+
+import mrconvnext  # noqa: F401  (registers the models)
+from mrconvnext import MRConv2d
+from mrconvnext.models.mrconvnext import MRConvNeXt
+
+from .reference import randomize_, rel_err
+
+MODELS = ["mrconvnext_atto", "mrconvnext_nano", "mrconvnext_tiny", "mrconvnext_small", "mrconvnext_base"]
+CONVNEXT = {name: name.replace("mrconvnext", "convnext") for name in MODELS}
+
+
+def _mrconvs(model: torch.nn.Module) -> list[MRConv2d]:
+    return [m for m in model.modules() if isinstance(m, MRConv2d)]
+
+
+def _randomize_model_(model: MRConvNeXt, seed: int = 0) -> None:
+    """Random MRConv parameters and BN statistics, and layer scales large enough that every block matters."""
+    torch.manual_seed(seed)
+    for layer in _mrconvs(model):
+        randomize_(layer)
+        with torch.no_grad():  # keep activations O(1) through the residual stream
+            for param in layer.parameters():
+                param.mul_(0.3)
+            if hasattr(layer, "norm"):
+                layer.norm.running_var.mul_(layer.dim)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.2, 0.6)
+
+
+def test_registry_lists_every_variant() -> None:
+    assert timm.list_models("mrconvnext*") == sorted(MODELS)
+    for name in MODELS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.hf_hub_id == f"mrconvnext/{name}.in1k"
+        assert cfg.input_size == (3, 224, 224) and cfg.pool_size == (7, 7)
+        assert cfg.first_conv == "stem.0" and cfg.classifier == "head.fc"
+        assert cfg.test_input_size is None  # accuracy at other sizes is not measured
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_structure_matches_paper(name: str) -> None:
+    """ConvNeXt with every depthwise conv replaced by MRConv2d of the Appendix D.5 configuration."""
+    model = timm.create_model(name, device="meta")
+    convnext = timm.create_model(CONVNEXT[name], device="meta")
+    layers = _mrconvs(model)
+    assert len(layers) == sum(len(stage.blocks) for stage in convnext.stages)
+    expected = {  # stage width -> (seq_len, l_0, number of resolutions) at 224 x 224
+        0: (3136, 196, 5),
+        1: (784, 49, 5),
+        2: (196, 28, 4),
+        3: (49, 28, 2),
+    }
+    for stage_idx, stage in enumerate(model.stages):
+        seq_len, kernel_size, num_res = expected[stage_idx]
+        for block in stage.blocks:
+            conv = block.conv_dw
+            assert isinstance(conv, MRConv2d) and conv.dim == convnext.stages[stage_idx].blocks[0].conv_dw.in_channels
+            assert (conv.seq_len, conv.kernel_size, conv.num_resolutions) == (seq_len, kernel_size, num_res)
+            assert conv.kernel_type == "fourier_sparse" and conv.bidirectional
+    # everything except the depthwise convs is ConvNeXt's
+    ours = {k: v.shape for k, v in model.state_dict().items() if ".conv_dw." not in k}
+    theirs = {k: v.shape for k, v in convnext.state_dict().items() if ".conv_dw." not in k}
+    assert ours == theirs
+
+
+def test_sequence_lengths_follow_img_size_and_kernel_type() -> None:
+    model = timm.create_model("mrconvnext_tiny", img_size=(64, 96), kernel_type="fourier", device="meta")
+    got = [(s.blocks[0].conv_dw.seq_len, s.blocks[0].conv_dw.kernel_size) for s in model.stages]
+    assert got == [(16 * 24, 196), (8 * 12, 49), (4 * 6, 24), (2 * 3, 6)]
+    assert all(layer.kernel_type == "fourier" for layer in _mrconvs(model))
+    with pytest.raises(ValueError, match="too small"):
+        timm.create_model("mrconvnext_atto", img_size=16)
+    with pytest.raises(ValueError, match="one length per stage"):
+        timm.create_model("mrconvnext_atto", kernel_sizes=(196, 49))
+
+
+def test_paper_parameter_counts() -> None:
+    """Appendix D.5 Table 12 (Fourier + Sparse): T 32M, S 57M, B 98M."""
+    counts = {n: sum(p.numel() for p in timm.create_model(n, device="meta").parameters()) for n in MODELS[2:]}
+    for name, paper in zip(MODELS[2:], (32e6, 57e6, 98e6), strict=True):
+        assert abs(counts[name] - paper) < 0.75e6, (name, counts[name])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("mrconvnext_atto", {}, 224),
+        ("mrconvnext_atto", {}, (96, 160)),
+        ("mrconvnext_nano", {}, 224),
+        ("mrconvnext_nano", {}, 288),
+        ("mrconvnext_tiny", dict(img_size=64), 64),
+        ("mrconvnext_tiny", dict(img_size=64), 96),
+    ],
+)
+def test_forward_backward_reaches_every_parameter(name: str, kwargs: dict, size) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0.1, **kwargs)
+    height, width = (size, size) if isinstance(size, int) else size
+    out = model(torch.randn(2, 3, height, width))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad
+
+
+def test_timm_api() -> None:
+    model = timm.create_model("mrconvnext_atto", img_size=64, num_classes=5, global_pool="max").eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.num_features == model.head_hidden_size == 320
+    assert model.get_classifier().out_features == 5 and model.head.global_pool.pool_type == "max"
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 320, 2, 2)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 320)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 320)
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(g) for g in groups.values()) == len(list(model.named_parameters()))
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, feats)
+    assert [t.shape[1:] for t in intermediates] == [(40, 16, 16), (80, 8, 8), (160, 4, 4), (320, 2, 2)]
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert len(model.stages) == 2
+
+
+def test_features_only() -> None:
+    model = timm.create_model("mrconvnext_atto", img_size=64, features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.reduction() == [8, 32]
+    assert model.feature_info.channels() == [80, 320]
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 80, 8, 8), (1, 320, 2, 2)]
+    full = timm.create_model("mrconvnext_atto", img_size=64, features_only=True)
+    assert full.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_grad_checkpointing_same_output_and_grads() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_atto", img_size=64).eval()
+    _randomize_model_(model)
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_no_weight_decay_covers_per_branch_gains() -> None:
+    model = timm.create_model("mrconvnext_atto", img_size=64)
+    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    assert "stages.0.blocks.0.conv_dw.alpha" in names and "stages.0.blocks.0.conv_dw.norm.weight" in names
+    assert "stages.0.blocks.0.conv_dw.kernel.scale" in names
+    assert "stages.0.blocks.0.conv_dw.kernel.fourier.modes" not in names
+
+
+@pytest.mark.parametrize("name,img_size", [("mrconvnext_atto", 224), ("mrconvnext_tiny", 64)])
+def test_train_and_deploy_forms_agree(name: str, img_size: int) -> None:
+    """Eval-mode logits of the train form equal those of every deploy path (rel. err < 1e-4, float32)."""
+    model = timm.create_model(name, img_size=img_size).eval()
+    _randomize_model_(model)
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        ref = model(x)
+        via_timm = reparameterize_model(model)  # deep copy
+        assert all(layer.deploy for layer in _mrconvs(via_timm)) and not any(m.deploy for m in _mrconvs(model))
+        assert rel_err(via_timm(x), ref) < 1e-4
+
+        model.reparameterize()
+        assert model.deploy and all(layer.deploy for layer in _mrconvs(model))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.reparameterize()  # idempotent
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert rel_err(model(x), ref) < 1e-4
+        for key, value in via_timm.state_dict().items():
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+        deployed = timm.create_model(name, img_size=img_size, deploy=True).eval()
+        assert deployed.state_dict().keys() == state.keys()
+        deployed.load_state_dict(state, strict=True)
+        assert rel_err(deployed(x), ref) < 1e-4
+
+        # the comparison is sensitive: dropping one MRConv's bias moves the logits far beyond the tolerance
+        deployed.stages[1].blocks[0].conv_dw.bias.zero_()
+        assert rel_err(deployed(x), ref) > 1e-3

@@ -146,7 +146,10 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9999)
 
     group = parser.add_argument_group("run")
-    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate config")
+    group.add_argument(
+        "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate config"
+    )
+    group.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is available")
     group.add_argument("--channels-last", action="store_true")
     group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
     group.add_argument("--seed", type=int, default=42)
@@ -163,14 +166,19 @@ def create_parser() -> argparse.ArgumentParser:
 
 def _count_images(folder: str) -> int:
     return sum(
-        1 for _, _, files in os.walk(folder) for name in files if os.path.splitext(name)[1].lower() in get_img_extensions(as_set=True)
+        1
+        for _, _, files in os.walk(folder)
+        for name in files
+        if os.path.splitext(name)[1].lower() in get_img_extensions(as_set=True)
     )
 
 
 def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str]:
     split_dir = os.path.join(data_dir, split)
     if not os.path.isdir(split_dir):
-        raise PreflightError(f"data directory {data_dir!r} has no {split!r} folder (expected {split_dir}/<class>/*.jpg)")
+        raise PreflightError(
+            f"data directory {data_dir!r} has no {split!r} folder (expected {split_dir}/<class>/*.jpg)"
+        )
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not classes or _count_images(split_dir) == 0:
         raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
@@ -317,9 +325,12 @@ def experiment_dir(args: argparse.Namespace) -> str:
 
 
 def create_model(args: argparse.Namespace) -> nn.Module:
+    """``timm.create_model`` with the recipe's drop path and layer scale; MRConvNeXt models also get
+    ``img_size`` so their kernels are planned for the training sequence lengths."""
     kwargs = dict(args.model_kwargs)
-    if args.layer_scale_init_value is not None:
-        kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
+    kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
+    if args.model in timm.list_models(module="mrconvnext"):
+        kwargs.setdefault("img_size", args.img_size)
     return timm.create_model(
         args.model,
         num_classes=args.num_classes,
@@ -356,7 +367,9 @@ def create_loaders(
     val_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=eval_transform)
     common = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
     micro_batch = args.batch_size // args.grad_accum_steps
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True, **common)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=micro_batch, shuffle=True, drop_last=True, **common
+    )
     val_batch = args.validation_batch_size or micro_batch
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=val_batch, shuffle=False, **common)
     if len(train_set) < micro_batch * accelerator.num_processes:
@@ -521,7 +534,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = create_parser().parse_args(argv)
     checkpoint = preflight(args)
 
+    # without a GPU (or other accelerator) accelerate only forms a multi-process CPU (gloo) group with cpu=True
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=args.cpu or not has_accelerator,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -530,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         step_scheduler_with_optimizer=False,
     )
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file saved is too much
     # different augmentation and mixup draws per process; the sampler has its own seed (data_seed)
     set_seed(args.seed, device_specific=True)
 

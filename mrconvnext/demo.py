@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{'form':<12}{'top-1 %':>9}{'top-5 %':>9}{'loss':>8}{'images/s':>10}")
     for form, result in results.items():
-        print(f"{form:<12}{result['top1']:>9.2f}{result['top5']:>9.2f}{result['loss']:>8.4f}{result['images/s']:>10.1f}")
+        print(
+            f"{form:<12}{result['top1']:>9.2f}{result['top5']:>9.2f}{result['loss']:>8.4f}{result['images/s']:>10.1f}"
+        )
     diff = abs(results["train form"]["top1"] - results["deploy form"]["top1"])
     print(f"top-1 difference train vs deploy: {diff:.2f} points; chance is {100 / len(SHAPES):.0f}%")
     print(f"training took {train_s:.0f} s, the whole demo {time.perf_counter() - start:.0f} s")

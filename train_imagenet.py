@@ -50,13 +50,14 @@ from accelerate.utils.imports import is_tensorboard_available
 from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
 from timm.data.readers import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 from tqdm.auto import tqdm
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
 from mrconvnext.mrconv import MRConv
+from mrconvnext.optim import mrconv_param_groups
 
 _logger = get_logger("train")
 
@@ -264,30 +265,6 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
         return args.lr
     ratio = global_batch / args.lr_base_size
     return args.lr_base * (ratio if args.lr_base_scale == "linear" else math.sqrt(ratio))
-
-
-def mrconv_param_groups(
-    model: nn.Module, weight_decay: float, kernel_lr: float, kernel_weight_decay: float = 0.0
-) -> list[dict]:
-    """timm weight-decay groups plus one group for MRConv kernel parameters with their own lr and decay.
-
-    The kernel parameters are those of the ``kernel`` sub-module of every :class:`MRConv` (sub-kernel
-    modes / taps), following the LRA recipe of the paper (Appendix D.2: separate, smaller lr and no weight
-    decay for the kernel parameters).
-    """
-    kernel_params = {
-        id(p) for module in model.modules() if isinstance(module, MRConv) for p in module.kernel.parameters()
-    }
-    if not kernel_params:
-        raise ValueError(f"--kernel-lr given but {type(model).__name__} has no MRConv kernel parameters")
-    no_decay = set(getattr(model, "no_weight_decay", lambda: ())())
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
-    for group in groups:
-        group["params"] = [p for p in group["params"] if id(p) not in kernel_params]
-    kernel = [p for p in model.parameters() if id(p) in kernel_params and p.requires_grad]
-    groups = [g for g in groups if g["params"]]
-    groups.append({"params": kernel, "lr": kernel_lr, "weight_decay": kernel_weight_decay})
-    return groups
 
 
 @dataclass
@@ -571,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         model=model,
     )
+    if args.kernel_lr is not None and not any(isinstance(m, MRConv) for m in model.modules()):
+        raise PreflightError(f"--kernel-lr given but {args.model} has no MRConv layers")
     train_loader, val_loader = create_loaders(args, data_config, accelerator)
     optimizer = create_optimizer_v2(
         model,

@@ -7,6 +7,7 @@ from . import models  # noqa: F401  (registers the models with timm)
 from .fft_conv import fft_conv, fft_length, kernel_spectrum
 from .kernels import KERNEL_TYPES, create_kernel
 from .mrconv import MRConv, MRConv2d, resolution_lengths
+from .optim import mrconv_param_groups
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "fft_conv",
     "fft_length",
     "kernel_spectrum",
+    "mrconv_param_groups",
     "resolution_lengths",
 ]

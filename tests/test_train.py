@@ -240,16 +240,6 @@ def test_cli_reports_preflight_error(tmp_path):
     assert "train_imagenet.py: error: data directory" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_kernel_param_groups():
-    model = timm.create_model("mrconvnext_atto", num_classes=2, img_size=32)
-    groups = train_imagenet.mrconv_param_groups(model, weight_decay=0.05, kernel_lr=1e-4)
-    names = {id(p): n for n, p in model.named_parameters()}
-    grouped = [names[id(p)] for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(names.values())  # every parameter exactly once
-    kernel = [names[id(p)] for p in groups[-1]["params"]]
-    assert kernel and all(".conv_dw.kernel." in n for n in kernel)
-    assert groups[-1]["lr"] == 1e-4 and groups[-1]["weight_decay"] == 0.0
-    other_kernel = [n for g in groups[:-1] for n in (names[id(p)] for p in g["params"]) if ".conv_dw.kernel." in n]
-    assert not other_kernel
-    decayed = {names[id(p)] for g in groups if g.get("weight_decay") == 0.05 for p in g["params"]}
-    assert "stages.0.blocks.0.mlp.fc1.weight" in decayed and "stages.0.blocks.0.conv_dw.alpha" not in decayed
+def test_kernel_lr_needs_mrconv_layers(data_dir, tmp_path):
+    args = ["--data-dir", str(data_dir), "--model", "convnext_atto", "--kernel-lr", "1e-4"]
+    assert "convnext_atto has no MRConv layers" in _preflight_error(args, tmp_path)

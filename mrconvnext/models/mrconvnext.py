@@ -68,7 +68,6 @@ class MRConvNeXt(ConvNeXt):
         # 1x1 placeholders for the depthwise convs, replaced by MRConv2d below
         super().__init__(kernel_sizes=1, device=device, dtype=dtype, **kwargs)
         self.img_size = to_2tuple(img_size)
-        self.deploy = deploy
         self.mrconv_cfgs: list[dict[str, Any]] = []
         height, width = self.img_size
         kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
@@ -117,13 +116,17 @@ class MRConvNeXt(ConvNeXt):
         """
         return {"*.conv_dw.norm.*", "*.conv_dw.alpha", "*.conv_dw.kernel.scale"}
 
+    @property
+    def deploy(self) -> bool:
+        """Whether every MRConv is in its reparameterized form (also after ``timm.utils.reparameterize_model``)."""
+        return all(module.deploy for module in self.modules() if isinstance(module, MRConv))
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold every MRConv into its deploy form in place (Eqs. 8, 13, 18); idempotent."""
         for module in self.modules():
             if isinstance(module, MRConv):
                 module.reparameterize()
-        self.deploy = True
 
 
 def _select_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -134,22 +137,15 @@ def _select_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def _reparameterize_branches(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, Any]:
-    """Fold train-form MRConv weights of ``state_dict`` for a model whose MRConvs are in deploy form."""
+def _train_form_branches(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, MRConv2d]:
+    """Train-form MRConvs, by key prefix, for the deploy-form MRConvs that ``state_dict`` holds in train form."""
+    layers = {}
     for name, module in model.named_modules():
-        if not (isinstance(module, MRConv) and module.deploy):
-            continue
         prefix = name + "."
-        branch_keys = [k for k in state_dict if k.startswith(prefix)]
-        if not branch_keys or prefix + "weight" in state_dict:
-            continue  # absent (reported by the key check) or already in deploy form
-        stage_idx = int(name.split(".")[1])
-        train_layer = model.create_mrconv(stage_idx, deploy=False)
-        train_layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in branch_keys})
-        kernel, bias = train_layer.merged_kernel()
-        state_dict[prefix + "weight"] = kernel
-        state_dict[prefix + "bias"] = bias
-    return state_dict
+        if isinstance(module, MRConv) and module.deploy and prefix + "weight" not in state_dict:
+            if any(k.startswith(prefix) for k in state_dict):
+                layers[prefix] = model.create_mrconv(int(name.split(".")[1]), deploy=False)
+    return layers
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, torch.Tensor]:
@@ -157,16 +153,22 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
 
     Accepts a bare state dict or a training checkpoint dict (``state_dict_ema`` / ``model_ema`` /
     ``state_dict`` / ``model``), strips ``module.`` / ``_orig_mod.`` prefixes, and reparameterizes
-    train-form MRConv weights when ``model`` is in deploy form. The classifier and the input conv may
-    differ in shape (timm's ``load_pretrained`` adapts them for ``num_classes`` / ``in_chans``); any
-    other missing, unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
+    train-form MRConv weights when ``model`` is in deploy form. The input conv's channel count may
+    differ, and the classifier too when the model's ``num_classes`` differs from the pretrained cfg's
+    (timm's ``load_pretrained`` then adapts the stem and drops the head); any other missing,
+    unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
     """
     state_dict = clean_state_dict(_select_state_dict(state_dict))
-    state_dict = _reparameterize_branches(state_dict, model)
-    expected = model.state_dict()
+    # the keys and shapes the checkpoint must have: the model's, in train form where the checkpoint is
+    branches = _train_form_branches(state_dict, model)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(branches))}
+    for prefix, layer in branches.items():
+        expected.update({prefix + k: v for k, v in layer.state_dict().items()})
     cfg = getattr(model, "pretrained_cfg", {})
     classifier = cfg.get("classifier") or "head.fc"
-    classifier_keys = {f"{classifier}.weight", f"{classifier}.bias"}
+    # load_pretrained drops the classifier when the model's class count differs from the cfg's
+    replaced_head = model.num_classes != cfg.get("num_classes", model.num_classes)
+    classifier_keys = {f"{classifier}.weight", f"{classifier}.bias"} if replaced_head else set()
     first_conv_weight = f"{cfg.get('first_conv') or 'stem.0'}.weight"
 
     def shape_ok(key: str) -> bool:
@@ -184,59 +186,71 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
         if k in expected and not shape_ok(k)
     ]
     if missing or unexpected or mismatched:
-        form = "deploy" if getattr(model, "deploy", False) else "train"
+        form = "deploy" if model.deploy else "train"
         problems = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
                 shown = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
                 problems.append(f"{len(items)} {title}: {shown}")
         hint = ""
-        if form == "train" and any(k.endswith("conv_dw.weight") for k in unexpected):
-            hint = " The checkpoint looks reparameterized: create the model with deploy=True to load it."
+        if any(k.startswith(f"{classifier}.weight:") for k in mismatched):
+            hint += (
+                " To keep a checkpoint head of another class count, pass pretrained_cfg_overlay=dict(..., "
+                "num_classes=N); to replace it, pass num_classes= to create_model."
+            )
+        if form == "train" and any(k.endswith("conv_dw.weight") and state_dict[k].ndim < 4 for k in unexpected):
+            hint += " The checkpoint looks reparameterized: create the model with deploy=True to load it."
         raise RuntimeError(
             f"Checkpoint is incompatible with {type(model).__name__} ({form} form, "
             f"{cfg.get('architecture', 'unknown architecture')}): " + " | ".join(problems) + "." + hint
         )
+    for prefix, layer in branches.items():  # fold train-form branches (Eqs. 8, 13, 18)
+        layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)})
+        state_dict[prefix + "weight"], state_dict[prefix + "bias"] = layer.merged_kernel()
     return state_dict
 
 
-def _weight_source(variant: str, kwargs: dict[str, Any]) -> str:
-    """Where ``pretrained=True`` looks for weights, in words, for error messages."""
+def _missing_weights_error(variant: str, kwargs: dict[str, Any], error: OSError) -> RuntimeError:
+    """A ``pretrained=True`` failure that names where it looked and how to load local weights instead."""
     cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.get("pretrained_cfg"),
         pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
     ).to_dict()
+    note = ""
     if cfg.get("source") == "local-dir":
-        return f"local directory {cfg.get('file')!r}"
-    if cfg.get("file"):
-        return f"file {cfg['file']!r}"
-    if cfg.get("hf_hub_id"):
+        where = f"local directory {cfg.get('file')!r}"
+    elif cfg.get("file"):
+        where = f"file {cfg['file']!r}"
+    else:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        return f"Hugging Face Hub repo {cfg['hf_hub_id']!r} (local cache {HF_HUB_CACHE})"
-    return f"url {cfg.get('url')!r}"
+        where = f"Hugging Face Hub repo {cfg.get('hf_hub_id')!r} (cache {kwargs.get('cache_dir') or HF_HUB_CACHE})"
+        note = "No MRConvNeXt ImageNet weights are published yet. "
+    return RuntimeError(
+        f"Could not load pretrained weights for {variant} from {where}: {type(error).__name__}: {error}\n{note}"
+        f"To load local weights use timm.create_model({variant!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')) (a .pth training checkpoint works too), "
+        f"timm.create_model('local-dir:/path/to/export_dir', pretrained=True) for a directory written by "
+        f"`python -m mrconvnext.export`, or timm.create_model({variant!r}, checkpoint_path='/path/to/"
+        f"checkpoint.pth') for a checkpoint in the same (train or deploy) form as the model."
+    )
 
 
 def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
-    build = dict(
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-    )
     try:
-        return build_model_with_cfg(MRConvNeXt, variant, pretrained, **build, **kwargs)
+        return build_model_with_cfg(
+            MRConvNeXt,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+            **kwargs,
+        )
     except OSError as e:  # hub, network and file errors (huggingface_hub's errors are OSErrors)
         if not pretrained:
             raise
-        raise RuntimeError(
-            f"Could not load pretrained weights for {variant} from {_weight_source(variant, kwargs)}: "
-            f"{type(e).__name__}: {e}\nNo MRConvNeXt ImageNet weights are published yet. To load local weights use "
-            f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/"
-            f"model.safetensors')) (a .pth training checkpoint works too), "
-            f"timm.create_model('local-dir:/path/to/export_dir', pretrained=True) for a directory written by "
-            f"`python -m mrconvnext.export`, or timm.create_model({variant!r}, checkpoint_path='/path/to/"
-            f"checkpoint.pth') for a checkpoint in the same (train or deploy) form as the model."
-        ) from e
+        raise _missing_weights_error(variant, kwargs, e) from e
 
 
 def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:

@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for form, extra in (("train form", []), ("deploy form", ["--reparam"])):
         results_file = run_dir / f"validate_{'deploy' if extra else 'train'}.json"
-        cmd = [sys.executable, str(validate_script), "--data-dir", str(data_dir / "val")]
-        cmd += ["--model", args.model, "--checkpoint", str(run_dir / "model_best.pth"), "--img-size", str(args.img_size)]
-        cmd += ["--crop-pct", "1.0", "--workers", "1", "--results-file", str(results_file), *extra]
+        cmd = [sys.executable, str(validate_script), "--data-dir", str(data_dir / "val"), "--model", args.model]
+        cmd += ["--checkpoint", str(run_dir / "model_best.pth"), "--img-size", str(args.img_size), "--crop-pct", "1.0"]
+        cmd += ["--workers", "1", "--results-file", str(results_file), *extra]
         _run(cmd)
         results[form] = json.loads(results_file.read_text())[-1]  # validate.py appends rows to a JSON list
 

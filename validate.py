@@ -1,0 +1,522 @@
+#!/usr/bin/env python3
+"""ImageNet validation of MRConvNeXt (and any timm) models, train form or reparameterized, plus a throughput mode.
+
+Flags follow timm's ``validate.py``. Evaluate a checkpoint on an ImageFolder (``DIR/<class>/<image>`` or
+``DIR/val/<class>/<image>``)::
+
+    python validate.py --data-dir /data/imagenet --model mrconvnext_tiny --checkpoint ckpt.pth [--reparam]
+    python validate.py --data-dir /data/imagenet --model mrconvnext_tiny --checkpoint ckpt.pth --compare-reparam
+
+``--reparam`` evaluates the deploy form (``timm.utils.reparameterize_model``: MRConv branches folded into one
+kernel, paper Sec. 3.2); ``--compare-reparam`` evaluates both forms on the same batches and reports the largest
+logit difference and how many top-1 predictions differ. Each model's result is printed to stdout as one JSON
+line (logs and the progress bar go to stderr) and appended to ``--results-file`` (``.json``: a JSON list,
+otherwise CSV). Several processes (``torchrun`` / ``accelerate launch``) shard the data; every image is counted
+once.
+
+Throughput on synthetic input, train form vs deploy form, optionally against a timm baseline timed in
+alternation in the same process::
+
+    python validate.py --benchmark --model mrconvnext_tiny --baseline convnext_tiny --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import itertools
+import json
+import logging
+import os
+import pickle
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from timm.data import ImageDataset, create_transform, resolve_input_data_config
+from timm.models import (
+    create_model,
+    is_model,
+    is_model_in_modules,
+    list_models,
+    load_checkpoint,
+    resolve_model_input_args,
+)
+from timm.utils import ParseKwargs, natural_key, reparameterize_model
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mrconvnext.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
+from mrconvnext.models.mrconvnext import checkpoint_filter_fn
+
+_logger = logging.getLogger("validate")
+
+parser = argparse.ArgumentParser(description="MRConvNeXt ImageNet validation (timm validate.py flags)")
+group = parser.add_argument_group("Dataset")
+group.add_argument("data", nargs="?", metavar="DIR", help="path to dataset (*deprecated*, use --data-dir)")
+group.add_argument("--data-dir", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>, or DIR/val/<class>/...")
+group.add_argument("--class-map", default="", metavar="FILENAME", help="class name to index mapping file (.txt/.pkl)")
+group.add_argument("--num-classes", type=int, default=None, help="number of classes (model default if unset)")
+group.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers (default: 4)")
+group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the DataLoader")
+
+group = parser.add_argument_group("Model")
+group.add_argument("--model", "-m", default="mrconvnext_tiny", metavar="NAME", help="model name(s), comma separated")
+group.add_argument("--model-list", default="", metavar="FILENAME", help="file with one model name per line")
+group.add_argument("--pretrained", action="store_true", help="use the model's pretrained weights")
+group.add_argument("--checkpoint", default="", metavar="PATH", help="checkpoint file, or a folder of checkpoints")
+group.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint if present")
+group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
+forms_group = group.add_mutually_exclusive_group()
+forms_group.add_argument("--reparam", action="store_true", help="reparameterize the model (deploy form) first")
+forms_group.add_argument("--compare-reparam", action="store_true", help="evaluate train and deploy forms, compare")
+
+group = parser.add_argument_group("Preprocessing (model pretrained cfg by default)")
+group.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
+group.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input dims (c h w)")
+group.add_argument("--in-chans", type=int, default=None, metavar="N", help="input channels")
+group.add_argument("--crop-pct", type=float, default=None, metavar="PCT", help="center crop fraction")
+group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border)")
+group.add_argument("--interpolation", default="", metavar="NAME", help="resize interpolation (bilinear, bicubic)")
+group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalization mean")
+group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalization std")
+
+group = parser.add_argument_group("Inference")
+group.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", help="batch size per process")
+group.add_argument("--device", default=None, choices=("cpu", "cuda"), help="device (default: cuda if available)")
+group.add_argument("--amp", action="store_true", help="mixed precision inference (torch.autocast)")
+group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="AMP dtype")
+group.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="torch.compile")
+group.add_argument("--torchcompile-mode", default=None, help="torch.compile mode")
+
+group = parser.add_argument_group("Output")
+group.add_argument("--results-file", default="", metavar="FILENAME", help="append results (.json: JSON list; CSV)")
+
+group = parser.add_argument_group("Throughput mode (synthetic input, no dataset)")
+group.add_argument("--benchmark", action="store_true", help="time train and deploy forms on random input")
+group.add_argument("--baseline", default="", metavar="NAME", help="timm model timed in alternation, e.g. convnext_tiny")
+group.add_argument("--num-warm-iter", type=int, default=10, metavar="N", help="warm-up batches per form")
+group.add_argument("--num-bench-iter", type=int, default=20, metavar="N", help="timed batches per run")
+group.add_argument("--bench-repeats", type=int, default=5, metavar="N", help="timed runs per form (median reported)")
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one message without a traceback."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _amp_context(args: argparse.Namespace, device: torch.device) -> Callable:
+    if not args.amp:
+        return nullcontext
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def _param_millions(model: nn.Module) -> float:
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but CUDA is not available")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(model name, checkpoint)`` pairs: names from ``--model`` (comma list, wildcards) or ``--model-list``,
+    each with every checkpoint of a ``--checkpoint`` folder."""
+    if args.model_list:
+        if not os.path.isfile(args.model_list):
+            raise UsageError(f"--model-list file {args.model_list!r} does not exist")
+        with open(args.model_list) as f:
+            requested = [line.split("#")[0].strip() for line in f]
+    else:
+        requested = args.model.split(",")
+    names = []
+    for name in filter(None, (n.strip() for n in requested)):
+        if is_model(name) or ":" in name:  # registered (optionally with a pretrained tag), or hf-hub:/local-dir:
+            names.append(name)
+        elif any(c in name for c in "*?["):
+            matches = list_models(name)
+            if not matches:
+                raise UsageError(f"no model matches {name!r}")
+            names.extend(matches)
+        else:
+            similar = ", ".join(list_models(f"*{name.split('.')[0]}*")[:8]) or "none"
+            raise UsageError(f"unknown model {name!r} (similar registered models: {similar})")
+    if not names:
+        raise UsageError("no model given: pass --model NAME[,NAME...] or --model-list FILE")
+    checkpoints = [args.checkpoint]
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        found = [
+            p for ext in ("*.pth.tar", "*.pth", "*.safetensors") for p in glob.glob(os.path.join(args.checkpoint, ext))
+        ]
+        if not found:
+            raise UsageError(f"no checkpoints (*.pth.tar, *.pth, *.safetensors) in folder {args.checkpoint!r}")
+        checkpoints = sorted(found, key=natural_key)
+    return [(name, ckpt) for name in names for ckpt in checkpoints]
+
+
+def checkpoint_metadata(path: str) -> dict:
+    """``num_classes`` / ``img_size`` a training run saved with its weights: top-level keys (this project's
+    training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        return {}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise UsageError(f"cannot read checkpoint {path!r}: {e}") from e
+    if not isinstance(checkpoint, dict):
+        return {}
+    saved = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else {}
+    saved = {**saved, **checkpoint}
+    return {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
+
+
+def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained: bool) -> tuple[nn.Module, dict]:
+    """``timm.create_model`` with the script's arguments, ``checkpoint`` loaded strictly; returns the model and the
+    model kwargs, which also set the default preprocessing size.
+
+    ``num_classes``: ``--num-classes``, else the checkpoint's saved value, else the model default. An MRConvNeXt
+    is built for one input size (its MRConv kernels are planned for each stage's ``H * W``): ``img_size`` comes
+    from ``--model-kwargs``, else the checkpoint's saved training size, else ``--img-size``; ``--img-size`` always
+    sets the evaluation resolution. Checkpoints of MRConvNeXt go through its ``checkpoint_filter_fn``
+    (training-script layouts, train-form weights folded into a ``deploy=True`` model, clear mismatch errors).
+    """
+    meta = checkpoint_metadata(checkpoint) if checkpoint else {}
+    model_kwargs = dict(args.model_kwargs)
+    is_mrconvnext = is_model_in_modules(name, "mrconvnext")
+    if is_mrconvnext and "img_size" not in model_kwargs:
+        requested = args.input_size[1:] if args.input_size else args.img_size
+        if meta.get("img_size") or requested:
+            model_kwargs["img_size"] = meta.get("img_size") or requested
+    try:
+        model = create_model(
+            **resolve_model_input_args(
+                name,
+                vars(args),
+                pretrained=pretrained,
+                num_classes=args.num_classes or meta.get("num_classes"),
+                **model_kwargs,
+            )
+        )
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        raise UsageError(f"cannot create model {name!r}: {e}") from e
+    if checkpoint:
+        try:
+            load_checkpoint(
+                model, checkpoint, use_ema=args.use_ema, filter_fn=checkpoint_filter_fn if is_mrconvnext else None
+            )
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            raise UsageError(f"checkpoint {checkpoint!r} does not match model {name!r}: {e}") from e
+    return model.eval(), model_kwargs
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if args.channels_last:
+        # not model.to(memory_format=...): that rejects the 5-D sub-kernel parameters of train-form MRConv layers
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if tensor.dim() == 4:
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    return model
+
+
+@torch.inference_mode()
+def evaluate(
+    forms: dict[str, nn.Module],
+    loader: DataLoader,
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    input_size: tuple,
+    desc: str,
+) -> dict:
+    """Evaluate every form on the same batches; per-sample metrics are gathered across processes.
+
+    Returns per-form metric means, ``num_images``, ``img_per_sec`` (end to end, as timm's rate), per-form mean
+    forward time per batch, and with two forms the largest absolute logit difference and top-1 mismatch count.
+    """
+    device = accelerator.device
+    amp_autocast = _amp_context(args, device)
+    sums = {name: MetricSums() for name in forms}
+    forward_s = dict.fromkeys(forms, 0.0)
+    max_abs_diff, mismatches, num_batches = 0.0, 0, 0
+    warmup = torch.randn(args.batch_size, *input_size, device=device)  # untimed: compilation, allocator, caches
+    if args.channels_last:
+        warmup = warmup.contiguous(memory_format=torch.channels_last)
+    for model in forms.values():
+        with amp_autocast():
+            model(warmup)
+    start = time.perf_counter()
+    progress = tqdm(loader, desc=desc, disable=not accelerator.is_main_process, file=sys.stderr, dynamic_ncols=True)
+    for images, target in progress:
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = {}
+        for name, model in forms.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            with amp_autocast():
+                logits[name] = model(images)
+            _sync(device)
+            forward_s[name] += time.perf_counter() - t0
+        batch = {f"{name}/{k}": v for name, out in logits.items() for k, v in sample_metrics(out, target).items()}
+        if len(forms) == 2:
+            first, second = (out.float() for out in logits.values())
+            batch["diff/max_abs"] = (first - second).abs().amax(dim=1)
+            batch["diff/top1"] = (first.argmax(dim=1) != second.argmax(dim=1)).float()
+        batch = accelerator.gather_for_metrics(batch)
+        for name in forms:
+            sums[name].update({k.split("/")[1]: v for k, v in batch.items() if k.startswith(f"{name}/")})
+        if len(forms) == 2:
+            max_abs_diff = max(max_abs_diff, batch["diff/max_abs"].max().item())
+            mismatches += int(batch["diff/top1"].sum().item())
+        num_batches += 1
+        progress.set_postfix(top1=f"{sums[next(iter(forms))].summary()['top1']:.2f}", refresh=False)
+    elapsed = time.perf_counter() - start
+    first_sums = sums[next(iter(forms))]
+    out = {
+        "forms": {name: s.summary() for name, s in sums.items()},
+        "num_images": first_sums.count,
+        "img_per_sec": first_sums.count / elapsed,
+        "batch_latency_ms": {name: 1e3 * t / num_batches for name, t in forward_s.items()},
+    }
+    if len(forms) == 2:
+        out.update(max_abs_logit_diff=max_abs_diff, top1_mismatches=mismatches)
+    return out
+
+
+def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, accelerator: Accelerator) -> dict:
+    """Evaluate one model (and checkpoint) on ``folder``; returns the result row."""
+    model, model_kwargs = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
+    data_config = resolve_input_data_config(model, {**vars(args), "model_kwargs": model_kwargs}, use_test_size=True)
+    try:
+        dataset = ImageDataset(
+            folder,
+            class_map=args.class_map,
+            input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
+            transform=create_transform(**data_config, is_training=False),
+        )
+        check_num_classes(dataset.reader.class_to_idx, model.num_classes, args.class_map)
+    except (AssertionError, OSError, ValueError, pickle.UnpicklingError) as e:  # timm asserts on a missing class map
+        raise UsageError(str(e)) from e
+    if not len(dataset):
+        raise UsageError(f"no class folder of {folder!r} is named in class map {args.class_map!r}")
+
+    if args.compare_reparam:
+        forms = {"train": model, "deploy": reparameterize_model(model)}
+    elif args.reparam:
+        forms = {"deploy": reparameterize_model(model)}
+    else:
+        forms = {"train": model}
+    params = {form: _param_millions(m) for form, m in forms.items()}
+    forms = {form: prepare_model(m, args, accelerator.device) for form, m in forms.items()}
+    _logger.info(f"Model {name} ({', '.join(f'{k}: {v}M params' for k, v in params.items())}), data {data_config}")
+
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.pin_mem)
+    result = evaluate(
+        forms, accelerator.prepare_data_loader(loader), accelerator, args, data_config["input_size"], name
+    )
+
+    main_form = next(iter(forms))
+    metrics = result["forms"][main_form]
+    row = {
+        "model": name,
+        "top1": round(metrics["top1"], 4),
+        "top1_err": round(100 - metrics["top1"], 4),
+        "top5": round(metrics["top5"], 4),
+        "top5_err": round(100 - metrics["top5"], 4),
+        "loss": round(metrics["loss"], 6),
+        "num_images": result["num_images"],
+        "param_count": params[main_form],
+        "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"],
+        "reparam": main_form == "deploy",
+        "batch_size": args.batch_size,
+        "img_per_sec": round(result["img_per_sec"], 2),
+        "batch_latency_ms": round(result["batch_latency_ms"][main_form], 3),
+    }
+    if args.compare_reparam:
+        deploy = result["forms"]["deploy"]
+        row.update(
+            deploy_top1=round(deploy["top1"], 4),
+            deploy_top5=round(deploy["top5"], 4),
+            deploy_loss=round(deploy["loss"], 6),
+            deploy_param_count=params["deploy"],
+            deploy_batch_latency_ms=round(result["batch_latency_ms"]["deploy"], 3),
+            max_abs_logit_diff=result["max_abs_logit_diff"],
+            top1_mismatches=result["top1_mismatches"],
+        )
+    if checkpoint:
+        row["checkpoint"] = checkpoint
+    return row
+
+
+def _time_batches(model: nn.Module, images: torch.Tensor, steps: int, amp_autocast: Callable) -> float:
+    _sync(images.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with amp_autocast():
+            model(images)
+    _sync(images.device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def benchmark(args: argparse.Namespace, name: str, checkpoint: str, device: torch.device) -> dict:
+    """Median images/s of the train and deploy forms (and ``--baseline``) on random input.
+
+    Each form is warmed up, then the forms are timed in alternation, ``--bench-repeats`` runs of
+    ``--num-bench-iter`` batches each, so drifting clocks or load affect all forms alike.
+    """
+    model, model_kwargs = build_model(args, name, checkpoint, pretrained=args.pretrained)
+    data_args = {**vars(args), "model_kwargs": model_kwargs}
+    input_size = resolve_input_data_config(model, data_args, use_test_size=True)["input_size"]
+    forms = {"train": model, "deploy": reparameterize_model(model)}
+    if args.baseline:
+        baseline_args = argparse.Namespace(**{**vars(args), "model_kwargs": {}})
+        forms["baseline"] = build_model(baseline_args, args.baseline, "", pretrained=False)[0]
+    params = {form: _param_millions(m) for form, m in forms.items()}
+    forms = {form: prepare_model(m, args, device) for form, m in forms.items()}
+    images = torch.randn(args.batch_size, *input_size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    amp_autocast = _amp_context(args, device)
+    for form, model in forms.items():
+        _logger.info(f"Warming up {form} form ({args.num_warm_iter} batches)")
+        _time_batches(model, images, args.num_warm_iter, amp_autocast)
+    seconds = {form: [] for form in forms}
+    for _ in tqdm(range(args.bench_repeats), desc=f"benchmark {name}", file=sys.stderr, dynamic_ncols=True):
+        for form, model in forms.items():
+            seconds[form].append(_time_batches(model, images, args.num_bench_iter, amp_autocast))
+    median_s = {form: statistics.median(times) for form, times in seconds.items()}
+    rate = {form: args.batch_size * args.num_bench_iter / s for form, s in median_s.items()}
+    row = {
+        "model": name,
+        "benchmark": True,
+        "device": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "amp": args.amp_dtype if args.amp else False,
+        "batch_size": args.batch_size,
+        "img_size": input_size[-1],
+        "param_count": params["train"],
+        "deploy_param_count": params["deploy"],
+    }
+    if args.baseline:
+        row.update(baseline=args.baseline, baseline_param_count=params["baseline"])
+    for form in forms:
+        row[f"{form}_img_per_sec"] = round(rate[form], 2)
+        row[f"{form}_batch_latency_ms"] = round(1e3 * median_s[form] / args.num_bench_iter, 3)
+    row["deploy_speedup"] = round(rate["deploy"] / rate["train"], 4)
+    if args.baseline:
+        row.update(
+            train_vs_baseline=round(rate["train"] / rate["baseline"], 4),
+            deploy_vs_baseline=round(rate["deploy"] / rate["baseline"], 4),
+        )
+    if checkpoint:
+        row["checkpoint"] = checkpoint
+    return row
+
+
+def read_results(path: str) -> list[dict]:
+    """The rows already in a results file (none if it is missing or empty)."""
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        return []
+    with open(path, newline="") as f:
+        if not path.lower().endswith(".json"):
+            return list(csv.DictReader(f))
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"results file {path!r} is not a JSON list of results: {e}") from e
+    if not isinstance(rows, list):
+        raise UsageError(f"results file {path!r} is not a JSON list of results")
+    return rows
+
+
+def write_results(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path`` (a JSON list for ``.json``, else CSV over the union of columns), atomically."""
+    rows = read_results(path) + rows
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        if path.lower().endswith(".json"):
+            json.dump(rows, f, indent=2)
+            f.write("\n")
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    entries = model_entries(args)
+    if args.results_file:
+        read_results(args.results_file)  # fail before evaluating, not after
+    if args.benchmark:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--benchmark times one process; run it without torchrun / accelerate launch")
+        device = torch.device(resolve_device(args))
+        is_main = True
+        run = partial(benchmark, args, device=device)
+    else:
+        try:
+            folder = find_image_folder(args.data_dir or args.data)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from e
+        accelerator = Accelerator(cpu=resolve_device(args) == "cpu")
+        is_main = accelerator.is_main_process
+        if not is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        run = partial(validate, args, folder=folder, accelerator=accelerator)
+
+    rows, failed = [], 0
+    for name, checkpoint in entries:
+        try:
+            row = run(name, checkpoint)
+        except UsageError as e:
+            if len(entries) == 1:
+                raise
+            failed += 1
+            print(f"validate.py: error: {e}", file=sys.stderr)
+            continue
+        rows.append(row)
+        if is_main:
+            print(json.dumps(row), flush=True)
+    if is_main and args.results_file and rows:
+        write_results(args.results_file, rows)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"validate.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -165,13 +165,13 @@ def create_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- pre-flight
 
 
-def _count_images(folder: str) -> int:
-    return sum(
-        1
-        for _, _, files in os.walk(folder)
-        for name in files
-        if os.path.splitext(name)[1].lower() in get_img_extensions(as_set=True)
-    )
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` holds an image file (stops at the first one: cheap on ImageNet-sized folders)."""
+    extensions = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True
+    return False
 
 
 def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str]:
@@ -181,14 +181,14 @@ def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str
             f"data directory {data_dir!r} has no {split!r} folder (expected {split_dir}/<class>/*.jpg)"
         )
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    if not classes or _count_images(split_dir) == 0:
+    empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+    if len(empty) == len(classes):
         raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
     if len(classes) != num_classes:
         raise PreflightError(
             f"{split_dir!r} has {len(classes)} class folders but --num-classes is {num_classes}; "
             f"pass --num-classes {len(classes)} or fix the folder layout"
         )
-    empty = [c for c in classes if _count_images(os.path.join(split_dir, c)) == 0]
     if empty:
         raise PreflightError(f"class folders without images in {split_dir!r}: {', '.join(empty[:5])}")
     return classes

@@ -154,6 +154,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--channels-last", action="store_true")
     group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
     group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--log-interval", type=int, default=10, help="progress bar postfix every N updates")
     group.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
     group.add_argument("--output", default="output/train", help="base directory of experiment folders")
     group.add_argument("--experiment", default="", help="experiment folder name (default: time-model-size)")
@@ -409,10 +410,11 @@ def train_one_epoch(
             if model_ema is not None:
                 model_ema.update(accelerator.unwrap_model(model), step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
-            imgs_per_s = samples * accelerator.num_processes / (time.perf_counter() - start)
-            progress.set_postfix(
-                loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3e}", img_s=f"{imgs_per_s:.0f}"
-            )
+            if accelerator.is_main_process and updates % args.log_interval == 0:  # .item() syncs the device
+                imgs_per_s = samples * accelerator.num_processes / (time.perf_counter() - start)
+                progress.set_postfix(
+                    loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3e}", img_s=f"{imgs_per_s:.0f}"
+                )
             progress.update()
     progress.close()
     elapsed = time.perf_counter() - start

@@ -1,8 +1,9 @@
 """train_imagenet.py: a 2-process CPU run with kill + resume, and the pre-flight errors.
 
 The end-to-end runs launch ``torchrun --nproc_per_node 2`` (gloo) on a generated shapes ImageFolder.
-An audit hook (``sitecustomize`` on ``PYTHONPATH``) records, per rank, every file opened for writing and
-every rename, so the tests can see which process wrote each checkpoint and the CSV.
+An audit hook (``sitecustomize`` on ``PYTHONPATH``) records, per rank, every file Python opens for writing
+and every rename, so the tests can see which process committed each checkpoint (by renaming it into
+place) and wrote the CSV.
 """
 
 from __future__ import annotations

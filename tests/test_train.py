@@ -28,10 +28,10 @@ from train_imagenet import PreflightError
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 TRAIN_ARGS = [
-    "--model", "mrconvnext_atto", "--num-classes", "2", "--img-size", "32", "-b", "4", "--epochs", str(EPOCHS),
+    "--model", "mrconvnext_atto", "--num-classes", "2", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
     "--lr", "2e-3", "--warmup-epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
     "--smoothing", "0", "--scale", "0.8", "1", "--hflip", "0", "--workers", "0", "--model-ema",
-    "--model-ema-decay", "0.5", "--crop-pct", "1.0",
+    "--model-ema-decay", "0.5", "--crop-pct", "1.0", "--grad-accum-steps", "2",
 ]  # fmt: skip
 AUDIT_HOOK = textwrap.dedent(
     """
@@ -51,7 +51,7 @@ AUDIT_HOOK = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    # 2 classes; 32 train images = 4 updates per epoch at 2 x 4; 10 val images = 3 batches of 4 over 2 ranks
+    # 2 classes; 32 train images = 2 updates per epoch at 2 x 8; 10 val images = 3 batches of 4 over 2 ranks
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 16, 5, size=32, classes=("circle", "square"), seed=1)
 
 
@@ -126,8 +126,8 @@ def uninterrupted(data_dir, tmp_path_factory) -> tuple[Path, Path, str]:
 
 def test_two_process_run(uninterrupted):
     run_dir, audit_dir, log = uninterrupted
-    # both ranks took the same 4 updates per epoch (32 images / (2 ranks x 4))
-    assert log.count("updates/rank [4, 4]") == EPOCHS, log
+    # both ranks took the same 2 updates per epoch (32 images / (2 ranks x 8), in micro-batches of 4)
+    assert log.count("updates/rank [2, 2]") == EPOCHS, log
     rows = _csv_rows(run_dir)
     assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows
@@ -157,7 +157,7 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, data_dir, tmp_pa
 
     log = _torchrun([*TRAIN_ARGS, "--data-dir", str(data_dir), "--resume", str(run_dir)], tmp_path / "")
     assert f"continuing at epoch {done + 1}" in log
-    assert log.count("updates/rank [4, 4]") == EPOCHS - done
+    assert log.count("updates/rank [2, 2]") == EPOCHS - done
     resumed, full = _state_dicts(run_dir), _state_dicts(full_dir)
     for form in ("model", "ema"):
         assert resumed[form].keys() == full[form].keys()

@@ -68,6 +68,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)$")
 META_FILE = "meta.json"
 CSV_FILE = "summary.csv"
+EVAL_KEYS = ("loss", "top1", "top5", "samples")
 
 
 class PreflightError(ValueError):
@@ -648,14 +649,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             updates_per_epoch,
         )
         row = {"epoch": epoch + 1, **{k: v for k, v in train_metrics.items() if k != "updates_per_rank"}}
-        if (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs:
-            row.update({f"eval_{k}": v for k, v in evaluate(model, val_loader, accelerator, args).items()})
-            if model_ema is not None:
-                ema_metrics = evaluate(model_ema.module, val_loader, accelerator, args)
-                row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        validate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
+        # the same CSV columns every epoch: empty where this epoch was not validated
+        for prefix, net in (("eval", model), ("ema", model_ema.module if model_ema is not None else None)):
+            if net is not None:
+                metrics = evaluate(net, val_loader, accelerator, args) if validate else dict.fromkeys(EVAL_KEYS)
+                row.update({f"{prefix}_{k}": v for k, v in metrics.items()})
         lr_scheduler.step(epoch + 1)
         state.epoch = epoch + 1
-        improved = "eval_top1" in row and row["eval_top1"] > state.best_top1
+        improved = validate and row["eval_top1"] > state.best_top1
         if improved:
             state.best_top1, state.best_epoch = row["eval_top1"], epoch + 1
 
@@ -675,16 +677,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if improved:
                 atomic_torch_save(plain, os.path.join(run_dir, "model_best.pth"))
             metrics_log.append(row)
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        accelerator.log({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1)
         meta = {"model": args.model, "num_classes": args.num_classes, "img_size": args.img_size, "epoch": epoch + 1}
         saved = save_checkpoint(accelerator, run_dir, epoch + 1, meta, args.checkpoint_hist)
         summary = (
             f"epoch {epoch + 1}/{num_epochs}: train loss {row['train_loss']:.4f}, lr {row['lr']:.3e}, "
             f"{row['train_img_s']:.1f} img/s, updates/rank {train_metrics['updates_per_rank']}"
         )
-        if "eval_top1" in row:
+        if validate:
             summary += f" | val loss {row['eval_loss']:.4f}, top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}"
-        if "ema_top1" in row:
+        if validate and model_ema is not None:
             summary += f" | EMA top-1 {row['ema_top1']:.2f}"
         _logger.info(f"{summary} | saved {saved}")
 

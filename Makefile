@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-slow demo lint format benchmark clean
+.PHONY: test test-slow demo selfcheck lint format benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
 demo: $(VENV)/.installed
+	$(PY) -m mrconvnext.demo
+
+selfcheck: $(VENV)/.installed
 	$(PY) -m mrconvnext.selfcheck
 
 benchmark: $(VENV)/.installed

@@ -1,0 +1,246 @@
+"""train_imagenet.py: a 2-process CPU run with kill + resume, and the pre-flight errors.
+
+The end-to-end runs launch ``torchrun --nproc_per_node 2`` (gloo) on a generated shapes ImageFolder.
+An audit hook (``sitecustomize`` on ``PYTHONPATH``) records, per rank, every file Python opens for writing
+and every rename, so the tests can see which process committed each checkpoint (by renaming it into
+place) and wrote the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import train_imagenet
+from mrconvnext.demo import make_shapes_dataset
+from train_imagenet import PreflightError
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+TRAIN_ARGS = [
+    "--model", "mrconvnext_atto", "--num-classes", "2", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
+    "--lr", "2e-3", "--warmup-epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
+    "--smoothing", "0", "--scale", "0.8", "1", "--hflip", "0", "--workers", "0", "--model-ema",
+    "--model-ema-decay", "0.5", "--crop-pct", "1.0", "--grad-accum-steps", "2",
+]  # fmt: skip
+AUDIT_HOOK = textwrap.dedent(
+    """
+    import os, sys
+    if os.environ.get("RANK") is not None and os.environ.get("WRITE_AUDIT_DIR"):
+        _log = open(os.path.join(os.environ["WRITE_AUDIT_DIR"], "writes_" + os.environ["RANK"] + ".log"), "a")
+        def _hook(event, args):
+            if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
+                _log.write("open " + str(args[0]) + "\\n")
+            elif event == "os.rename":
+                _log.write("rename " + str(args[0]) + " " + str(args[1]) + "\\n")
+            _log.flush()
+        sys.addaudithook(_hook)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    # 2 classes; 32 train images = 2 updates per epoch at 2 x 8; 10 val images = 3 batches of 4 over 2 ranks
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 16, 5, size=32, classes=("circle", "square"), seed=1)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _torchrun(args: list[str], audit_dir: Path, kill_when: Path | None = None) -> str:
+    """Run train_imagenet.py on 2 CPU processes; with ``kill_when``, SIGKILL everything once that path exists."""
+    (audit_dir / "sitecustomize.py").write_text(AUDIT_HOOK)
+    env = dict(os.environ, PYTHONPATH=f"{audit_dir}{os.pathsep}{ROOT}", WRITE_AUDIT_DIR=str(audit_dir))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "train_imagenet.py"), *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    if kill_when is None:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        return out
+    deadline = time.monotonic() + 300
+    while not kill_when.exists():
+        assert proc.poll() is None, f"run ended before {kill_when} appeared:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts its workers in their own sessions
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
+def _writes(audit_dir: Path, rank: int, run_dir: Path) -> list[str]:
+    """Write events of ``rank`` inside ``run_dir``, paths relative to it."""
+    log = audit_dir / f"writes_{rank}.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    prefix = f"{run_dir}{os.sep}"
+    return [line.replace(prefix, "") for line in lines if prefix in line]
+
+
+def _csv_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _state_dicts(run_dir: Path) -> dict:
+    checkpoint = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
+    return {"model": checkpoint["state_dict"], "ema": checkpoint["state_dict_ema"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> tuple[Path, Path, str]:
+    out_dir = tmp_path_factory.mktemp("full")
+    audit_dir = tmp_path_factory.mktemp("audit_full")
+    log = _torchrun(
+        [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(out_dir), "--experiment", "run"], audit_dir
+    )
+    return out_dir / "run", audit_dir, log
+
+
+def test_two_process_run(uninterrupted):
+    run_dir, audit_dir, log = uninterrupted
+    # both ranks took the same 2 updates per epoch (32 images / (2 ranks x 8), in micro-batches of 4)
+    assert log.count("updates/rank [2, 2]") == EPOCHS, log
+    rows = _csv_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows
+    # every validation sample counted exactly once (10 images over 2 ranks, padding dropped)
+    assert all(int(r["eval_samples"]) == 10 for r in rows)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"epoch_{EPOCHS:04d}"]
+
+    # rank 0 committed every checkpoint, plain model file and CSV row; rank 1 only adds its RNG state (torch.save
+    # writes from C++, outside the audit hook) to the shared checkpoint folder
+    rank0, rank1 = _writes(audit_dir, 0, run_dir), _writes(audit_dir, 1, run_dir)
+    for epoch in range(1, EPOCHS + 1):
+        assert rank0.count(f"rename checkpoints/.epoch_{epoch:04d}.tmp checkpoints/epoch_{epoch:04d}") == 1
+    assert rank0.count("open summary.csv") == EPOCHS
+    assert rank0.count("rename last.pth.tmp last.pth") == EPOCHS
+    assert rank1 == []
+    final = run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}"
+    assert (final / "random_states_0.pkl").is_file() and (final / "random_states_1.pkl").is_file()
+
+
+def test_resume_after_kill_matches_uninterrupted(uninterrupted, data_dir, tmp_path):
+    full_dir, _, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    args = [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(tmp_path), "--experiment", "run"]
+    _torchrun(args, tmp_path, kill_when=run_dir / "checkpoints" / "epoch_0001")
+    assert not (run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}").exists(), "killed run should not have finished"
+    done = max(int(p.name[-4:]) for p in (run_dir / "checkpoints").glob("epoch_*"))
+
+    log = _torchrun([*TRAIN_ARGS, "--data-dir", str(data_dir), "--resume", str(run_dir)], tmp_path / "")
+    assert f"continuing at epoch {done + 1}" in log
+    assert log.count("updates/rank [2, 2]") == EPOCHS - done
+    resumed, full = _state_dicts(run_dir), _state_dicts(full_dir)
+    for form in ("model", "ema"):
+        assert resumed[form].keys() == full[form].keys()
+        for key, value in full[form].items():
+            torch.testing.assert_close(resumed[form][key], value, rtol=1e-6, atol=1e-7, msg=f"{form} {key}")
+    rows, full_rows = _csv_rows(run_dir), _csv_rows(full_dir)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in full_rows]
+    for row, full_row in zip(rows, full_rows, strict=True):
+        for key in ("train_loss", "eval_top1", "eval_loss", "ema_top1"):
+            assert float(row[key]) == pytest.approx(float(full_row[key]), rel=1e-5), key
+
+
+def test_final_checkpoint_loads_with_timm(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    for name in ("last.pth", "model_best.pth"):
+        model = timm.create_model(
+            "mrconvnext_atto",
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(run_dir / name), num_classes=2),
+            num_classes=2,
+            img_size=32,
+        )
+        expected = torch.load(run_dir / name, map_location="cpu", weights_only=True)["state_dict_ema"]
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------- pre-flight
+
+
+def _preflight_error(args: list[str], tmp_path: Path) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(PreflightError) as info:
+        train_imagenet.main([*TRAIN_ARGS, "--output", str(out), *args])
+    assert not out.exists(), "pre-flight errors must come before anything is written"
+    return str(info.value)
+
+
+def test_missing_data_dir(tmp_path):
+    assert "does not exist" in _preflight_error(["--data-dir", str(tmp_path / "nope")], tmp_path)
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    assert "is empty" in _preflight_error(["--data-dir", str(tmp_path / "data")], tmp_path)
+    (tmp_path / "data" / "train" / "circle").mkdir(parents=True)
+    (tmp_path / "data" / "val" / "circle").mkdir(parents=True)
+    assert "is empty" in _preflight_error(["--data-dir", str(tmp_path / "data")], tmp_path)
+
+
+def test_class_folders_do_not_match_num_classes(data_dir, tmp_path):
+    message = _preflight_error(["--data-dir", str(data_dir), "--num-classes", "3"], tmp_path)
+    assert "has 2 class folders but --num-classes is 3" in message
+
+
+def test_unknown_model(data_dir, tmp_path):
+    message = _preflight_error(["--data-dir", str(data_dir), "--model", "mrconvnext_huge"], tmp_path)
+    assert "unknown model 'mrconvnext_huge'" in message and "mrconvnext_atto" in message
+
+
+def test_batch_not_divisible_by_accumulation(data_dir, tmp_path):
+    message = _preflight_error(["--data-dir", str(data_dir), "-b", "6", "--grad-accum-steps", "4"], tmp_path)
+    assert "--batch-size 6 is not divisible by --grad-accum-steps 4" in message
+
+
+def test_resume_from_other_model(uninterrupted, data_dir, tmp_path):
+    run_dir, _, _ = uninterrupted
+    args = ["--data-dir", str(data_dir), "--model", "mrconvnext_nano", "--resume", str(run_dir)]
+    message = _preflight_error(args, tmp_path)
+    assert "trained with --model mrconvnext_atto, this run has mrconvnext_nano" in message
+
+
+def test_cli_reports_preflight_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_imagenet.py"), "--data-dir", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "train_imagenet.py: error: data directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kernel_lr_needs_mrconv_layers(data_dir, tmp_path):
+    args = ["--data-dir", str(data_dir), "--model", "convnext_atto", "--kernel-lr", "1e-4"]
+    assert "convnext_atto has no MRConv layers" in _preflight_error(args, tmp_path)

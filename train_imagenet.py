@@ -1,0 +1,702 @@
+#!/usr/bin/env python3
+"""ImageNet training for MRConvNeXt (and any timm model) with accelerate.
+
+Defaults reproduce the ConvNeXt ImageNet-1k recipe that the MRConv paper uses for MRConvNeXt-T/S/B
+"without any changes" (Section 5.4, Appendix D.5). Data, augmentation, losses, optimizer, scheduler and
+EMA come from timm; devices, mixed precision, gradient accumulation, distributed sampling and
+checkpoint state come from accelerate, so one script runs under ``python``, ``torchrun`` and
+``accelerate launch`` (single GPU, multi-GPU, multi-node, CPU)::
+
+    accelerate launch train_imagenet.py --data-dir /data/imagenet --model mrconvnext_tiny
+
+``-b/--batch-size`` is the per-process batch of one optimizer update; with ``--grad-accum-steps A`` the
+loader yields micro-batches of ``batch_size / A``. The global batch is ``batch_size * world_size`` and,
+unless ``--lr`` is given, the learning rate is ``--lr-base`` scaled linearly from ``--lr-base-size``.
+
+Output directory layout (``--output/--experiment``)::
+
+    args.yaml                 run configuration
+    summary.csv               one row per epoch (and TensorBoard events when tensorboard is installed)
+    checkpoints/epoch_NNNN/   accelerate state after NNNN epochs (model, optimizer, scheduler, scaler,
+                              EMA, RNG states, train state), renamed into place when complete
+    last.pth, model_best.pth  plain {'state_dict', 'state_dict_ema', ...} files for timm.create_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils.imports import is_tensorboard_available
+from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data.readers import get_img_extensions
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, ParseKwargs
+from tqdm.auto import tqdm
+
+import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
+from mrconvnext.mrconv import MRConv
+from mrconvnext.optim import mrconv_param_groups
+
+_logger = get_logger("train")
+
+# Stochastic depth of the ConvNeXt ImageNet-1k recipe per model size (T/S/B/L from ConvNeXt; atto and
+# nano are not in the paper: small models underfit ImageNet, so they get little or no drop path).
+DROP_PATH_BY_SIZE = {"atto": 0.0, "nano": 0.05, "tiny": 0.1, "small": 0.4, "base": 0.5, "large": 0.5}
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)$")
+META_FILE = "meta.json"
+CSV_FILE = "summary.csv"
+EVAL_KEYS = ("loss", "top1", "top5", "samples")
+
+
+class PreflightError(ValueError):
+    """A configuration or data problem detected before any training step."""
+
+
+def create_parser() -> argparse.ArgumentParser:
+    """Command line; flag names follow timm's ``train.py`` wherever it has one."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", required=True, help="ImageNet-style folder (train/, val/) or a dataset root")
+    group.add_argument("--dataset", default="", help="timm create_dataset name; '' is an image folder")
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--val-split", default="val")
+    group.add_argument("--num-classes", type=int, default=1000)
+    group.add_argument("--img-size", type=int, default=224, help="train and eval image size")
+    group.add_argument("--crop-pct", type=float, default=None, help="eval center crop (default: model's)")
+    group.add_argument("--mean", type=float, nargs=3, default=None)
+    group.add_argument("--std", type=float, nargs=3, default=None)
+    group.add_argument("--interpolation", default="", help="eval resize interpolation (default: model's)")
+    group.add_argument("-b", "--batch-size", type=int, default=128, help="per-process batch of one update")
+    group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    group.add_argument("-j", "--workers", type=int, default=8, help="data loader workers per process")
+    group.add_argument("--pin-mem", action="store_true")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="mrconvnext_tiny")
+    group.add_argument("--drop-path", type=float, default=None, help="default: per model size (recipe table)")
+    group.add_argument("--drop", type=float, default=0.0, help="head dropout")
+    group.add_argument("--layer-scale-init-value", type=float, default=1e-6)
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
+
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--opt", default="adamw")
+    group.add_argument("--opt-eps", type=float, default=1e-8)
+    group.add_argument("--opt-betas", type=float, nargs=2, default=None)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold (off)")
+    group.add_argument("--clip-mode", default="norm", choices=("norm", "value"))
+    group.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --lr-base scaling")
+    group.add_argument("--lr-base", type=float, default=4e-3, help="lr at a global batch of --lr-base-size")
+    group.add_argument("--lr-base-size", type=int, default=4096)
+    group.add_argument("--lr-base-scale", default="linear", choices=("linear", "sqrt"))
+    group.add_argument(
+        "--kernel-lr", type=float, default=None, help="own lr for MRConv kernel parameters (LRA recipe; off)"
+    )
+    group.add_argument("--kernel-weight-decay", type=float, default=0.0, help="with --kernel-lr")
+    group.add_argument("--grad-accum-steps", type=int, default=1)
+
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--sched", default="cosine")
+    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--warmup-epochs", type=int, default=20)
+    group.add_argument("--warmup-lr", type=float, default=0.0)
+    group.add_argument("--min-lr", type=float, default=1e-6)
+    group.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=True)
+
+    group = parser.add_argument_group("augmentation and regularization")
+    group.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy; 'none' to disable")
+    group.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random resized crop scale")
+    group.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="random resized crop ratio")
+    group.add_argument("--hflip", type=float, default=0.5)
+    group.add_argument("--vflip", type=float, default=0.0)
+    group.add_argument("--color-jitter", type=float, default=0.4, help="used only without --aa")
+    group.add_argument("--train-interpolation", default="bicubic")
+    group.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    group.add_argument("--remode", default="pixel")
+    group.add_argument("--recount", type=int, default=1)
+    group.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 disables)")
+    group.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 disables)")
+    group.add_argument("--mixup-prob", type=float, default=1.0)
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    group.add_argument("--smoothing", type=float, default=0.1)
+    group.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (ConvNeXt: optional)")
+    group.add_argument("--model-ema-decay", type=float, default=0.9999)
+
+    group = parser.add_argument_group("run")
+    group.add_argument(
+        "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate config"
+    )
+    group.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is available")
+    group.add_argument("--channels-last", action="store_true")
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--log-interval", type=int, default=10, help="progress bar postfix every N updates")
+    group.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
+    group.add_argument("--output", default="output/train", help="base directory of experiment folders")
+    group.add_argument("--experiment", default="", help="experiment folder name (default: time-model-size)")
+    group.add_argument("--resume", default="", help="checkpoint folder, or a run folder to resume its latest one")
+    group.add_argument("--checkpoint-hist", type=int, default=1, help="epoch checkpoints kept")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- pre-flight
+
+
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` holds an image file (stops at the first one: cheap on ImageNet-sized folders)."""
+    extensions = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True
+    return False
+
+
+def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str]:
+    split_dir = os.path.join(data_dir, split)
+    if not os.path.isdir(split_dir):
+        raise PreflightError(
+            f"data directory {data_dir!r} has no {split!r} folder (expected {split_dir}/<class>/*.jpg)"
+        )
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+    if len(empty) == len(classes):
+        raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
+    if len(classes) != num_classes:
+        raise PreflightError(
+            f"{split_dir!r} has {len(classes)} class folders but --num-classes is {num_classes}; "
+            f"pass --num-classes {len(classes)} or fix the folder layout"
+        )
+    if empty:
+        raise PreflightError(f"class folders without images in {split_dir!r}: {', '.join(empty[:5])}")
+    return classes
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder at ``path``, or the latest complete one of the run folder ``path``."""
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return path
+    root = os.path.join(path, CHECKPOINT_DIR)
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            match = CHECKPOINT_PATTERN.match(name)
+            if match and os.path.isfile(os.path.join(root, name, META_FILE)):
+                found.append((int(match.group(1)), os.path.join(root, name)))
+    if not found:
+        raise PreflightError(f"--resume {path!r}: no complete checkpoint (a folder with {META_FILE}) found there")
+    return max(found)[1]
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Check model, batch, data and resume checkpoint before anything is built; returns the checkpoint."""
+    if not timm.is_model(args.model):
+        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise PreflightError(f"unknown model {args.model!r}{hint}")
+    if args.batch_size % args.grad_accum_steps:
+        raise PreflightError(
+            f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"
+        )
+    micro_batch = args.batch_size // args.grad_accum_steps
+    if (args.mixup > 0 or args.cutmix > 0) and micro_batch % 2:
+        raise PreflightError(f"mixup/cutmix need an even micro-batch, got {micro_batch} (batch size / accum steps)")
+    if not os.path.isdir(args.data_dir):
+        raise PreflightError(f"data directory {args.data_dir!r} does not exist")
+    if not os.listdir(args.data_dir):
+        raise PreflightError(f"data directory {args.data_dir!r} is empty")
+    if not args.dataset:
+        train_classes = _check_image_folder(args.data_dir, args.train_split, args.num_classes)
+        val_classes = _check_image_folder(args.data_dir, args.val_split, args.num_classes)
+        if train_classes != val_classes:
+            raise PreflightError(
+                f"class folders differ between {args.train_split!r} and {args.val_split!r}: "
+                f"{sorted(set(train_classes) ^ set(val_classes))[:5]}"
+            )
+    if not args.resume:
+        return None
+    checkpoint = find_checkpoint(args.resume)
+    with open(os.path.join(checkpoint, META_FILE)) as f:
+        meta = json.load(f)
+    for key in ("model", "num_classes"):
+        if meta[key] != getattr(args, key):
+            raise PreflightError(
+                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta[key]}, "
+                f"this run has {getattr(args, key)}"
+            )
+    return checkpoint
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_drop_path(args: argparse.Namespace) -> float:
+    """``--drop-path``, else the recipe value for the model size named in ``--model`` (0 if unknown)."""
+    if args.drop_path is not None:
+        return args.drop_path
+    return DROP_PATH_BY_SIZE.get(args.model.rsplit("_", 1)[-1], 0.0)
+
+
+def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
+    """``--lr``, else ``--lr-base`` scaled (linearly by default) from ``--lr-base-size`` to ``global_batch``."""
+    if args.lr is not None:
+        return args.lr
+    ratio = global_batch / args.lr_base_size
+    return args.lr_base * (ratio if args.lr_base_scale == "linear" else math.sqrt(ratio))
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    epoch: int = 0  # epochs completed
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def atomic_torch_save(obj: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def experiment_dir(args: argparse.Namespace) -> str:
+    """Fresh run folder under ``--output`` (suffix ``-1``, ``-2`` ... if taken, as timm does)."""
+    name = args.experiment or "-".join(
+        [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_"), str(args.img_size)]
+    )
+    path, index = os.path.join(args.output, name), 0
+    while os.path.exists(path):
+        index += 1
+        path = os.path.join(args.output, f"{name}-{index}")
+    return path
+
+
+def create_model(args: argparse.Namespace) -> nn.Module:
+    """``timm.create_model`` with the recipe's drop path and layer scale; MRConvNeXt models also get
+    ``img_size`` so their kernels are planned for the training sequence lengths."""
+    kwargs = dict(args.model_kwargs)
+    kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
+    if args.model in timm.list_models(module="mrconvnext"):
+        kwargs.setdefault("img_size", args.img_size)
+    return timm.create_model(
+        args.model,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=resolve_drop_path(args),
+        **kwargs,
+    )
+
+
+def create_loaders(
+    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
+    train_transform = create_transform(
+        data_config["input_size"],
+        is_training=True,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=None if args.aa.lower() == "none" else args.aa,
+        interpolation=args.train_interpolation,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+    )
+    eval_transform = create_transform(**data_config, is_training=False)
+    train_set = create_dataset(
+        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, transform=train_transform
+    )
+    val_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=eval_transform)
+    common = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
+    micro_batch = args.batch_size // args.grad_accum_steps
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=micro_batch, shuffle=True, drop_last=True, **common
+    )
+    val_batch = args.validation_batch_size or micro_batch
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=val_batch, shuffle=False, **common)
+    if len(train_set) < micro_batch * accelerator.num_processes:
+        raise PreflightError(
+            f"{len(train_set)} training images are fewer than one global micro-batch "
+            f"({micro_batch} x {accelerator.num_processes} processes)"
+        )
+    return train_loader, val_loader
+
+
+# ------------------------------------------------------------------------------------------- train / eval
+
+
+def train_one_epoch(
+    epoch: int,
+    model: nn.Module,
+    loader,
+    optimizer,
+    lr_scheduler,
+    loss_fn: nn.Module,
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    mixup_fn: Mixup | None,
+    model_ema: ModelEmaV3 | None,
+    updates_per_epoch: int,
+) -> dict:
+    model.train()
+    num_updates = epoch * updates_per_epoch
+    loss_sum = torch.zeros((), device=accelerator.device)
+    micro_steps = updates = samples = 0
+    start = time.perf_counter()
+    progress = tqdm(
+        total=updates_per_epoch,
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
+    for images, targets in loader:
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            loss = loss_fn(model(images), targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.clip_grad is not None:
+                if args.clip_mode == "norm":
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                else:
+                    accelerator.clip_grad_value_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+        micro_steps += 1
+        samples += images.shape[0]
+        if accelerator.sync_gradients:
+            updates += 1
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(accelerator.unwrap_model(model), step=num_updates)
+            lr_scheduler.step_update(num_updates=num_updates)
+            if accelerator.is_main_process and updates % args.log_interval == 0:  # .item() syncs the device
+                imgs_per_s = samples * accelerator.num_processes / (time.perf_counter() - start)
+                progress.set_postfix(
+                    loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3e}", img_s=f"{imgs_per_s:.0f}"
+                )
+            progress.update()
+    progress.close()
+    elapsed = time.perf_counter() - start
+    # per-rank counters gathered: a sanity check that every process took the same number of updates
+    counts = accelerator.gather(torch.tensor([[updates, samples]], device=accelerator.device)).cpu()
+    mean_loss = accelerator.reduce(loss_sum / max(micro_steps, 1), reduction="mean").item()
+    return {
+        "train_loss": mean_loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_img_s": counts[:, 1].sum().item() / elapsed,
+        "updates_per_rank": counts[:, 0].tolist(),
+        "epoch_time": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, args: argparse.Namespace) -> dict:
+    """Top-1/top-5 and loss over the validation set; ``gather_for_metrics`` drops the sampler's padding."""
+    model.eval()
+    k = min(5, args.num_classes)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, samples
+    for images, targets in loader:
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(images).float()
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+        loss, top1, topk = accelerator.gather_for_metrics((loss, hits[:, 0], hits.any(dim=1)))
+        totals += torch.stack([loss.sum(), top1.sum(), topk.sum(), torch.tensor(loss.numel())]).double().cpu()
+    count = totals[3].item()
+    return {
+        "loss": totals[0].item() / count,
+        "top1": 100 * totals[1].item() / count,
+        "top5": 100 * totals[2].item() / count,
+        "samples": int(count),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: str, epoch: int, meta: dict, keep: int) -> str:
+    """``accelerator.save_state`` into a temporary folder, renamed to ``checkpoints/epoch_NNNN`` when complete."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    final = os.path.join(root, f"epoch_{epoch:04d}")
+    tmp = os.path.join(root, f".epoch_{epoch:04d}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        complete = sorted(n for n in os.listdir(root) if CHECKPOINT_PATTERN.match(n))
+        for name in complete[:-keep]:
+            shutil.rmtree(os.path.join(root, name))
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """``summary.csv`` in the run folder (main process only); rows past ``start_epoch`` dropped on resume."""
+
+    def __init__(self, path: str, start_epoch: int) -> None:
+        self.path = path
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= start_epoch]
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", newline="") as f:
+                if rows:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+            os.replace(tmp, path)
+
+    def append(self, row: dict) -> None:
+        new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train; returns the last epoch's metrics row."""
+    args = create_parser().parse_args(argv)
+    checkpoint = preflight(args)
+
+    # without a GPU (or other accelerator) accelerate only forms a multi-process CPU (gloo) group with cpu=True
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=args.cpu or not has_accelerator,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torchcompile) if args.torchcompile else None,
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        step_scheduler_with_optimizer=False,
+    )
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file saved is too much
+    # different augmentation and mixup draws per process; the sampler has its own seed (data_seed)
+    set_seed(args.seed, device_specific=True)
+
+    if checkpoint:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    else:  # chosen once (timestamp, free name) and shared with every process
+        run_dir = broadcast_object_list([experiment_dir(args) if accelerator.is_main_process else None])[0]
+    accelerator.project_configuration.set_directories(run_dir)
+    global_batch = args.batch_size * accelerator.num_processes
+    lr = resolve_lr(args, global_batch)
+
+    model = create_model(args)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_config = resolve_data_config(
+        {
+            "input_size": (3, args.img_size, args.img_size),
+            "crop_pct": args.crop_pct,
+            "mean": args.mean,
+            "std": args.std,
+            "interpolation": args.interpolation,
+        },
+        model=model,
+    )
+    if args.kernel_lr is not None and not any(isinstance(m, MRConv) for m in model.modules()):
+        raise PreflightError(f"--kernel-lr given but {args.model} has no MRConv layers")
+    train_loader, val_loader = create_loaders(args, data_config, accelerator)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=args.opt,
+        lr=lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        eps=args.opt_eps,
+        **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}),
+        param_group_fn=(
+            (lambda m: mrconv_param_groups(m, args.weight_decay, args.kernel_lr, args.kernel_weight_decay))
+            if args.kernel_lr is not None
+            else None
+        ),
+    )
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
+    )
+    model_ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
+    state = TrainState()
+    # the timm scheduler is stepped by epoch / update count here, not by accelerate
+    accelerator.register_for_checkpointing(lr_scheduler, state, *([model_ema] if model_ema else []))
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=args.num_classes,
+        )
+        train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+
+    if checkpoint:
+        accelerator.load_state(checkpoint)  # last: restores RNG states as they were when it was saved
+    start_epoch = state.epoch
+    if start_epoch >= args.epochs:
+        raise PreflightError(f"--resume {checkpoint!r} already completed {start_epoch} of {args.epochs} epochs")
+
+    config = {
+        **vars(args),
+        "lr": lr,
+        "drop_path": resolve_drop_path(args),
+        "world_size": accelerator.num_processes,
+        "global_batch": global_batch,
+        "micro_batch": args.batch_size // args.grad_accum_steps,
+        "mixed_precision": accelerator.mixed_precision,
+        "updates_per_epoch": updates_per_epoch,
+        "data_config": data_config,
+        "run_dir": run_dir,
+    }
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
+            yaml.safe_dump(json.loads(json.dumps(config)), f, sort_keys=False)
+        metrics_log = MetricsLog(os.path.join(run_dir, CSV_FILE), start_epoch)
+    accelerator.init_trackers(os.path.basename(run_dir), config={k: str(v) for k, v in config.items()})
+    num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    _logger.info("run config:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
+    _logger.info(f"model {args.model}: {num_params / 1e6:.2f}M parameters, {len(train_loader.dataset)} train images")
+    if checkpoint:
+        _logger.info(f"resumed from {checkpoint}: continuing at epoch {start_epoch + 1}")
+
+    row: dict = {}
+    for epoch in range(start_epoch, num_epochs):
+        train_loader.set_epoch(epoch)
+        train_metrics = train_one_epoch(
+            epoch,
+            model,
+            train_loader,
+            optimizer,
+            lr_scheduler,
+            train_loss_fn,
+            accelerator,
+            args,
+            mixup_fn,
+            model_ema,
+            updates_per_epoch,
+        )
+        row = {"epoch": epoch + 1, **{k: v for k, v in train_metrics.items() if k != "updates_per_rank"}}
+        validate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
+        # the same CSV columns every epoch: empty where this epoch was not validated
+        for prefix, net in (("eval", model), ("ema", model_ema.module if model_ema is not None else None)):
+            if net is not None:
+                metrics = evaluate(net, val_loader, accelerator, args) if validate else dict.fromkeys(EVAL_KEYS)
+                row.update({f"{prefix}_{k}": v for k, v in metrics.items()})
+        lr_scheduler.step(epoch + 1)
+        state.epoch = epoch + 1
+        improved = validate and row["eval_top1"] > state.best_top1
+        if improved:
+            state.best_top1, state.best_epoch = row["eval_top1"], epoch + 1
+
+        model_state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            plain = {
+                "arch": args.model,
+                "epoch": epoch + 1,
+                "num_classes": args.num_classes,
+                "img_size": args.img_size,
+                "metric": row.get("eval_top1"),
+                "state_dict": model_state,
+            }
+            if model_ema is not None:
+                plain["state_dict_ema"] = model_ema.module.state_dict()
+            atomic_torch_save(plain, os.path.join(run_dir, "last.pth"))
+            if improved:
+                atomic_torch_save(plain, os.path.join(run_dir, "model_best.pth"))
+            metrics_log.append(row)
+        accelerator.log({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1)
+        meta = {"model": args.model, "num_classes": args.num_classes, "img_size": args.img_size, "epoch": epoch + 1}
+        saved = save_checkpoint(accelerator, run_dir, epoch + 1, meta, args.checkpoint_hist)
+        summary = (
+            f"epoch {epoch + 1}/{num_epochs}: train loss {row['train_loss']:.4f}, lr {row['lr']:.3e}, "
+            f"{row['train_img_s']:.1f} img/s, updates/rank {train_metrics['updates_per_rank']}"
+        )
+        if validate:
+            summary += f" | val loss {row['eval_loss']:.4f}, top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}"
+        if validate and model_ema is not None:
+            summary += f" | EMA top-1 {row['ema_top1']:.2f}"
+        _logger.info(f"{summary} | saved {saved}")
+
+    _logger.info(f"best top-1 {state.best_top1:.2f} at epoch {state.best_epoch}; model files in {run_dir}")
+    accelerator.end_training()
+    return row
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PreflightError as err:
+        sys.exit(f"train_imagenet.py: error: {err}")

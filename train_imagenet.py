@@ -41,7 +41,6 @@ from datetime import datetime
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
@@ -56,6 +55,7 @@ from timm.utils import ModelEmaV3, ParseKwargs
 from tqdm.auto import tqdm
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
+from mrconvnext.evaluation import MetricSums, sample_metrics
 from mrconvnext.mrconv import MRConv
 from mrconvnext.optim import mrconv_param_groups
 
@@ -435,24 +435,14 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, args: argparse.Namespace) -> dict:
     """Top-1/top-5 and loss over the validation set; ``gather_for_metrics`` drops the sampler's padding."""
     model.eval()
-    k = min(5, args.num_classes)
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, samples
+    sums = MetricSums()
     for images, targets in loader:
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            logits = model(images).float()
-        loss = F.cross_entropy(logits, targets, reduction="none")
-        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
-        loss, top1, topk = accelerator.gather_for_metrics((loss, hits[:, 0], hits.any(dim=1)))
-        totals += torch.stack([loss.sum(), top1.sum(), topk.sum(), torch.tensor(loss.numel())]).double().cpu()
-    count = totals[3].item()
-    return {
-        "loss": totals[0].item() / count,
-        "top1": 100 * totals[1].item() / count,
-        "top5": 100 * totals[2].item() / count,
-        "samples": int(count),
-    }
+            logits = model(images)
+        sums.update(accelerator.gather_for_metrics(sample_metrics(logits, targets)))
+    return {**sums.summary(), "samples": sums.count}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -8,10 +8,13 @@ sequence length the layer is planned for. All random structure lives in persiste
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
+
+from .fft_conv import merge_kernels
 
 __all__ = [
     "KERNEL_TYPES",
@@ -60,6 +63,14 @@ class SubKernels(nn.Module):
 
     def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """Merged kernel ``sum_i weights[i] * ZeroPad(k_i)`` (Eq. 7), ``(dirs, D, max length)``.
+
+        ``weights``: ``(N, dirs, D, 1)``-broadcastable. Subclasses build it without
+        materialising every sub-kernel where their structure allows.
+        """
+        return merge_kernels(self(rate), weights)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}, lengths={self.lengths}"
@@ -124,6 +135,17 @@ class FourierKernel(SubKernels):
         """Complex Fourier coefficients ``(N, dirs, D, modes)``."""
         return torch.view_as_complex(self.modes.contiguous().unflatten(-1, (self.num_modes, 2)))
 
+    def _sampling(self, rate: float) -> list[tuple[int, int, int]]:
+        """Per resolution: irfft length ``n``, modes kept ``keep`` and taps returned ``m``."""
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        plan = []
+        for length, nominal in zip(self.lengths, self.nominal_lengths, strict=True):
+            n = max(1, round(nominal / rate))
+            keep = min(self.num_modes, (n + 1) // 2)  # strictly below Nyquist: nothing aliases
+            plan.append((n, keep, max(1, round(length / rate))))
+        return plan
+
     def forward(self, rate: float = 1.0) -> list[torch.Tensor]:
         """Sub-kernels sampled at ``1 / rate`` times the training rate.
 
@@ -132,18 +154,59 @@ class FourierKernel(SubKernels):
         the kernel is scaled by ``rate`` so that ``sum_t k[t] u[t]`` keeps approximating the
         same integral.
         """
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
         coeffs = self.coefficients()
         kernels = []
-        for i, (length, nominal) in enumerate(zip(self.lengths, self.nominal_lengths, strict=True)):
-            n = max(1, round(nominal / rate))
-            keep = min(self.num_modes, (n + 1) // 2)  # strictly below Nyquist: nothing aliases
+        for i, (n, keep, taps) in enumerate(self._sampling(rate)):
             k = torch.fft.irfft(coeffs[i, ..., :keep], n=n, norm="forward")
-            if rate != 1:
-                k = k * rate
-            kernels.append(k[..., : max(1, round(length / rate))])
+            kernels.append((k * rate if rate != 1 else k)[..., :taps])
         return kernels
+
+    def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """Eq. 7 as one matmul per segment against cached cosine/sine bases (no irfft per resolution).
+
+        Taps ``[m_{j-1}, m_j)`` are reached by resolutions ``j .. N-1`` only, so segment ``j`` is
+        ``[w_j c_j, ..., w_{N-1} c_{N-1}] @ basis_j``: ``sum_i m_i * 2 modes`` multiply-adds per
+        row, forward and backward, which BLAS runs faster than the ``N`` FFTs and the merge.
+        """
+        plan = self._sampling(rate)
+        bases = _fourier_bases(tuple(plan), self.num_modes, float(rate), self.modes.device, self.modes.dtype)
+        with torch.autocast(device_type=self.modes.device.type, enabled=False):
+            scaled = (weights * self.modes).movedim(0, -2)  # (dirs, D, N, 2 * modes)
+            segments = [scaled[..., first:, :].flatten(-2) @ basis for first, basis in bases]
+        return torch.cat(segments, dim=-1) if len(segments) > 1 else segments[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _fourier_bases(
+    plan: tuple[tuple[int, int, int], ...], num_modes: int, rate: float, device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[int, torch.Tensor], ...]:
+    """``(j, basis_j)`` per non-empty tap segment ``[m_{j-1}, m_j)`` of :meth:`FourierKernel.merge`.
+
+    Row ``2f`` / ``2f + 1`` of resolution ``i`` holds the derivative of ``irfft(c, n_i, norm="forward")``
+    with respect to ``Re c_f`` / ``Im c_f`` (times ``rate``): ``w_f cos(2 pi f t / n_i)`` and
+    ``-w_f sin(2 pi f t / n_i)``, ``w_0 = 1`` (the imaginary part of DC is ignored), ``w_f = 2`` else;
+    rows of modes dropped at this rate are zero. ``basis_j`` stacks resolutions ``j .. N-1``.
+    """
+    bounds = [0] + [taps for _, _, taps in plan]
+    freqs = torch.arange(num_modes, dtype=torch.float64)[:, None]
+    rows = []
+    for n, keep, taps in plan:
+        t = torch.arange(taps, dtype=torch.float64)
+        angle = 2 * math.pi * torch.remainder(freqs * t, n) / n  # reduced mod n: exact arguments
+        weight = torch.full((num_modes, 1), 2.0 * rate, dtype=torch.float64)
+        weight[0] = rate
+        weight[keep:] = 0
+        basis = torch.stack([weight * angle.cos(), -weight * angle.sin()], dim=1)  # (modes, 2, taps)
+        basis[0, 1] = 0
+        rows.append(basis.reshape(2 * num_modes, taps))
+    bases = []
+    with torch.inference_mode(False):  # cached and reused under autograd: must not be inference tensors
+        for first in range(len(plan)):
+            start, end = bounds[first], bounds[first + 1]
+            if end > start:
+                stacked = torch.cat([basis[:, start:end] for basis in rows[first:]])
+                bases.append((first, stacked.to(device=device, dtype=dtype)))
+    return tuple(bases)
 
 
 class SparseKernel(SubKernels):
@@ -170,6 +233,13 @@ class SparseKernel(SubKernels):
             kernels.append(k.scatter(-1, self.positions[i], self.weight[i]))
         return kernels
 
+    def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """Eq. 7 as one ``scatter_add`` of all ``N * l_0`` weighted taps."""
+        self._check_rate(rate)
+        taps = (weights * self.weight).movedim(0, -2).flatten(-2)  # (dirs, D, N * l_0)
+        merged = taps.new_zeros(*taps.shape[:-1], self.lengths[-1])
+        return merged.scatter_add(-1, self.positions.movedim(0, -2).flatten(-2).expand_as(taps), taps)
+
 
 class FourierSparseKernel(SubKernels):
     """Fourier and sparse kernels of equal length merged with per-channel scales (Eq. 9).
@@ -191,6 +261,11 @@ class FourierSparseKernel(SubKernels):
             self.scale[0, i, ..., None] * f + self.scale[1, i, ..., None] * s
             for i, (f, s) in enumerate(zip(fourier, sparse, strict=True))
         ]
+
+    def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        self._check_rate(rate)
+        scale = self.scale[..., None]
+        return self.fourier.merge(weights * scale[0]) + self.sparse.merge(weights * scale[1])
 
 
 KERNEL_TYPES: dict[str, type[SubKernels]] = {

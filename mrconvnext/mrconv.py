@@ -218,7 +218,7 @@ class MRConv(nn.Module):
 
     def _scaled_kernel(self, rate: float = 1.0) -> torch.Tensor:
         """Eq. 9 with norm-equalised sub-kernels: ``sum_i alpha_i pad(k_i) / z_i``, ``(dirs, D, K)``."""
-        return merge_kernels(self.kernel(rate), self.alpha[:, None, :, None] / self.kernel_norm)
+        return self.kernel.merge(self.alpha[:, None, :, None] / self.kernel_norm, rate)
 
     def _padded_kernels(self, rate: float = 1.0) -> torch.Tensor:
         """Sub-kernels zero-padded on the right to one length (Eq. 7): ``(N, dirs, D, K)``."""
@@ -357,13 +357,13 @@ class MRConv(nn.Module):
         seq_len = x.shape[-1]
         norm = self.norm
         with torch.autocast(device_type=x.device.type, enabled=False):
-            kernels = [k.to(compute_dtype) if self.bidirectional else k[0].to(compute_dtype) for k in self.kernel(rate)]
-            n = fft_length(seq_len, kernels[-1].shape[-1], self.bidirectional)
             gamma, beta, alpha = (t.to(compute_dtype) for t in (norm.weight, norm.bias, self.alpha))
             u = x.to(compute_dtype)
             if norm.training:
                 norm.num_batches_tracked.add_(1)
                 factor = norm.momentum if norm.momentum is not None else 1.0 / int(norm.num_batches_tracked)
+                kernels = [(k if self.bidirectional else k[0]).to(compute_dtype) for k in self.kernel(rate)]
+                n = fft_length(seq_len, kernels[-1].shape[-1], self.bidirectional)
                 buffers = kernel_buffers(kernels, seq_len, n, self.bidirectional)  # (N, D, n)
                 y = branch_bn_conv(
                     u, buffers, gamma, beta, alpha, norm.running_mean, norm.running_var, factor, norm.eps
@@ -371,8 +371,9 @@ class MRConv(nn.Module):
             else:  # running statistics: Eq. 13 on the fly, one convolution
                 scale = alpha * gamma * torch.rsqrt(norm.running_var.to(compute_dtype) + norm.eps)
                 bias = (alpha * beta - scale * norm.running_mean.to(compute_dtype)).sum(0)
-                weights = scale[:, None, :, None] if self.bidirectional else scale[..., None]
-                merged = merge_kernels(kernels, weights)
+                merged = self.kernel.merge(scale[:, None, :, None].to(self.alpha.dtype), rate).to(compute_dtype)
+                merged = merged if self.bidirectional else merged[0]
+                n = fft_length(seq_len, merged.shape[-1], self.bidirectional)
                 y = conv_buffer(u, kernel_buffer(merged, seq_len, n, self.bidirectional), bias)
         return y.to(out_dtype)
 

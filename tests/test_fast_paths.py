@@ -172,6 +172,46 @@ def test_scale_norm_matches_reference_and_reparameterizes(kernel_type, bidirecti
     assert not dict(layer.named_buffers())
 
 
+@pytest.mark.parametrize(
+    "kernel_type, rate",
+    [("fourier", 1.0), ("fourier", 2.0), ("fourier", 0.5), ("fourier_sparse", 1.0), ("sparse", 1.0)],
+)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_kernel_merge_matches_padded_sum_of_sub_kernels(kernel_type, rate, bidirectional):
+    """``SubKernels.merge`` (cached Fourier bases, sparse scatter_add) vs Eq. 7 on the sub-kernel list."""
+    torch.manual_seed(0)
+    # seq_len 100 with l_0 = 6: the last resolution (nominal 192) is cut to 100 taps
+    layer = MRConv(4, 100, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional).double()
+    randomize_(layer)
+    kernel = layer.kernel
+    weights = torch.randn(layer.num_resolutions, layer.num_directions, 4, 1, dtype=torch.float64, requires_grad=True)
+    merged = kernel.merge(weights, rate)
+    subs = kernel(rate)
+    length = subs[-1].shape[-1]
+    ref = sum(w * torch.nn.functional.pad(k, (0, length - k.shape[-1])) for w, k in zip(weights, subs, strict=True))
+    assert merged.shape == ref.shape
+    assert rel_err(merged, ref) < 1e-12
+    out_grad = torch.randn_like(ref)
+    inputs = [weights, *kernel.parameters()]
+    for g, g_ref in zip(
+        torch.autograd.grad(merged, inputs, out_grad), torch.autograd.grad(ref, inputs, out_grad), strict=True
+    ):
+        assert g_ref.abs().sum() > 0
+        assert rel_err(g, g_ref) < 1e-12
+
+
+def test_fourier_bases_first_built_in_inference_mode_still_train():
+    torch.manual_seed(0)
+    layer = MRConv(4, 57, 7, norm="scale")  # a sampling plan no other test uses: built fresh here
+    x = torch.randn(2, 4, 57)
+    with torch.inference_mode():
+        expected = layer(x)
+    y = layer(x)
+    y.sum().backward()  # the cached bases must be usable by autograd
+    assert layer.alpha.grad.abs().sum() > 0
+    torch.testing.assert_close(y.detach(), expected)
+
+
 def test_scale_norm_state_dict_and_bad_options():
     torch.manual_seed(0)
     layer = MRConv(4, 64, 8, norm="scale")

@@ -437,8 +437,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = 3 if args.quick else 7
-    args.train_repeats = 2 if args.quick else 3
-    args.long_repeats = 2 if args.quick else 3
+    args.train_repeats = 2 if args.quick else 5
+    args.long_repeats = 2 if args.quick else 5
     targets = set(args.targets.split(","))
     if not targets <= set("12345"):
         raise SystemExit(f"--targets expects numbers 1-5, got {args.targets!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from ._mrconv_autograd import channel_chunk, conv_buffer
 
@@ -86,6 +85,30 @@ def _check_kernel(u: torch.Tensor, k: torch.Tensor, bidirectional: bool) -> None
         raise TypeError(f"fft_conv expects floating-point tensors, got u: {u.dtype}, k: {k.dtype}")
 
 
+def _buffer_pieces(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> list[torch.Tensor]:
+    """``[causal taps, zero gap, flipped anti-causal taps]``, whose concatenation is the buffer.
+
+    Built without padding or summing full-length tensors: their backward passes (and those of
+    ``select``/slices that cover everything) would zero-fill full-size gradients.
+    """
+    if bidirectional:
+        causal, anticausal = k.unbind(-3)
+        if anticausal.shape[-1] > seq_len - 1:
+            anticausal = anticausal[..., : max(seq_len - 1, 0)]
+        anticausal = anticausal.flip(-1)
+    else:
+        causal, anticausal = k, k[..., :0]
+    if causal.shape[-1] > seq_len:
+        causal = causal[..., :seq_len]
+    gap = n - causal.shape[-1] - anticausal.shape[-1]
+    if gap < 0:
+        raise ValueError(
+            f"FFT length n={n} is too short for {causal.shape[-1]} causal and {anticausal.shape[-1]} anti-causal "
+            f"taps; use fft_length()"
+        )
+    return [causal, causal.new_zeros(*causal.shape[:-1], gap), anticausal]
+
+
 def kernel_buffer(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
     """Kernels embedded in a real circular buffer of length ``n``: ``(*, D, n)``.
 
@@ -93,15 +116,7 @@ def kernel_buffer(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) ->
     The causal half sits at positions ``0 .. Kc-1``; the anti-causal half is flipped into the
     last ``Ka`` positions so that ``k[1, j]`` lands on circular lag ``-(j + 1)``.
     """
-    if bidirectional:
-        causal = k.select(-3, 0)[..., :seq_len]
-        anticausal = k.select(-3, 1)[..., : max(seq_len - 1, 0)]
-        buffer = F.pad(causal, (0, n - causal.shape[-1]))
-        if anticausal.shape[-1] > 0:
-            buffer = buffer + F.pad(anticausal.flip(-1), (n - anticausal.shape[-1], 0))
-        return buffer
-    causal = k[..., :seq_len]
-    return F.pad(causal, (0, n - causal.shape[-1]))
+    return torch.cat(_buffer_pieces(k, seq_len, n, bidirectional), dim=-1)
 
 
 def kernel_buffers(kernels: list[torch.Tensor], seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
@@ -112,12 +127,7 @@ def kernel_buffers(kernels: list[torch.Tensor], seq_len: int, n: int, bidirectio
     cost and the backward pass scale with ``sum_i K_i``, not ``N * max K_i``. The result is a
     strided view; its rows are contiguous.
     """
-    pieces = []
-    for k in kernels:
-        causal = (k[0] if bidirectional else k)[..., :seq_len]
-        anticausal = k[1][..., : max(seq_len - 1, 0)].flip(-1) if bidirectional else causal[..., :0]
-        gap = n - causal.shape[-1] - anticausal.shape[-1]
-        pieces += [causal, causal.new_zeros(causal.shape[0], gap), anticausal]
+    pieces = [piece for k in kernels for piece in _buffer_pieces(k, seq_len, n, bidirectional)]
     dim = pieces[0].shape[0]
     return torch.cat(pieces, dim=-1).view(dim, len(kernels), n).transpose(0, 1)
 

@@ -236,9 +236,13 @@ class SparseKernel(SubKernels):
     def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """Eq. 7 as one ``scatter_add`` of all ``N * l_0`` weighted taps."""
         self._check_rate(rate)
+        shape = torch.broadcast_shapes(weights.shape[1:-1], self.weight.shape[1:-1])
+        return self.add_taps(self.weight.new_zeros(*shape, self.lengths[-1]), weights)
+
+    def add_taps(self, kernel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``kernel + sum_i weights[i] * ZeroPad(k_i)`` for ``kernel`` ``(dirs, D, max length)``, out of place."""
         taps = (weights * self.weight).movedim(0, -2).flatten(-2)  # (dirs, D, N * l_0)
-        merged = taps.new_zeros(*taps.shape[:-1], self.lengths[-1])
-        return merged.scatter_add(-1, self.positions.movedim(0, -2).flatten(-2).expand_as(taps), taps)
+        return kernel.scatter_add(-1, self.positions.movedim(0, -2).flatten(-2).expand_as(taps), taps)
 
 
 class FourierSparseKernel(SubKernels):
@@ -265,7 +269,7 @@ class FourierSparseKernel(SubKernels):
     def merge(self, weights: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         self._check_rate(rate)
         scale = self.scale[..., None]
-        return self.fourier.merge(weights * scale[0]) + self.sparse.merge(weights * scale[1])
+        return self.sparse.add_taps(self.fourier.merge(weights * scale[0]), weights * scale[1])
 
 
 KERNEL_TYPES: dict[str, type[SubKernels]] = {

@@ -39,9 +39,13 @@ __all__ = [
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=4096)
 def next_fast_length(n: int) -> int:
     """Smallest integer >= ``n`` whose prime factors are 2, 3 and 5 (fast for pocketfft and cuFFT)."""
+    # memoised in eager mode; torch.compile traces the plain function (it warns on lru_cache)
+    return _fast_length(n) if torch.compiler.is_compiling() else _cached_fast_length(n)
+
+
+def _fast_length(n: int) -> int:
     if n <= 1:
         return 1
     best = 1 << (n - 1).bit_length()
@@ -56,6 +60,9 @@ def next_fast_length(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+_cached_fast_length = functools.lru_cache(maxsize=4096)(_fast_length)
 
 
 def fft_length(seq_len: int, kernel_len: int, bidirectional: bool) -> int:

@@ -168,6 +168,8 @@ class FourierKernel(SubKernels):
         ``[w_j c_j, ..., w_{N-1} c_{N-1}] @ basis_j``: ``sum_i m_i * 2 modes`` multiply-adds per
         row, forward and backward, which BLAS runs faster than the ``N`` FFTs and the merge.
         """
+        if torch.compiler.is_compiling():  # the cached bases are Python state: trace the irfft path instead
+            return super().merge(weights, rate)
         plan = self._sampling(rate)
         bases = _fourier_bases(tuple(plan), self.num_modes, float(rate), self.modes.device, self.modes.dtype)
         with torch.autocast(device_type=self.modes.device.type, enabled=False):

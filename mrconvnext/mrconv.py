@@ -313,7 +313,9 @@ class MRConv(nn.Module):
         """Inference with the deploy kernel's spectrum (or Toeplitz matrix) cached per length/device/dtype.
 
         The cache is keyed on the weight's version counter and storage, so in-place updates,
-        ``load_state_dict`` and moves invalidate it; the bias rides in the FFT's DC bin.
+        ``load_state_dict`` and moves invalidate it; the bias rides in the FFT's DC bin. Under
+        ``torch.compile`` the kernel is computed in the graph instead (a Python-side cache would
+        invalidate the compiled guards on every call).
         """
         out_dtype = x.dtype
         compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
@@ -322,14 +324,14 @@ class MRConv(nn.Module):
         n = fft_length(seq_len, self.deploy_kernel_len, self.bidirectional)
         key = (seq_len, direct, x.device, compute_dtype)
         # inference tensors (built under torch.inference_mode) have no version counter: never cached
-        cacheable = not (self.weight.is_inference() or self.bias.is_inference())
+        cacheable = not (torch.compiler.is_compiling() or self.weight.is_inference() or self.bias.is_inference())
         version = (
             (self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
             if cacheable
             else None
         )
-        cached = self._spectrum_cache.get(key)
-        if cached is None or cached[0] != version or not cacheable:
+        cached = self._spectrum_cache.get(key) if cacheable else None
+        if cached is None or cached[0] != version:
             weight = self.weight.detach().to(compute_dtype)
             if direct:
                 kernel = toeplitz_kernel(weight, seq_len, self.bidirectional)

@@ -274,3 +274,41 @@ def test_deploy_layer_built_in_inference_mode_is_not_cached():
         layer.weight.mul_(2.0)
         assert rel_err(layer(x), 2 * y - layer.bias[:, None]) < 1e-5
         assert not layer._spectrum_cache
+
+
+@pytest.mark.parametrize("form", ["deploy", "batch", "scale"])
+def test_torch_compile_traces_without_recompiling(form):
+    """Dynamo (``backend='eager'``: tracing only, no C++ compiler) matches eager mode and compiles once.
+
+    The deploy form's spectrum cache and the cached Fourier bases are Python state; under
+    ``torch.compile`` they are bypassed so guards do not change between calls.
+    """
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MRConv2d(6, 64, 8, norm="scale" if form == "scale" else "batch", max_resolutions=3)
+    randomize_(layer)
+    if form == "deploy":
+        layer.eval().reparameterize()
+    reference = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    x = torch.randn(3, 6, 8, 8)
+
+    def check_no_grad():  # the deploy form's cached inference path
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+
+    def check_grad():
+        x_c, x_r = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(x_c), reference(x_r)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        y.pow(2).sum().backward()
+        y_ref.pow(2).sum().backward()
+        torch.testing.assert_close(x_c.grad, x_r.grad, rtol=1e-4, atol=1e-5)
+
+    for check in (check_no_grad, check_grad):  # one compilation per grad mode, then none
+        check()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            check()
+            check()
+    for (name, p), p_ref in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=name)

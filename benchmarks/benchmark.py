@@ -5,8 +5,9 @@
     python benchmarks/benchmark.py --targets 3,4   # a subset
 
 Method: every comparison runs its candidates round-robin in this process (baseline, candidate,
-baseline, ...) after warm-up runs, and reports the median of the repeats, so slow drifts of a
-shared machine hit both sides alike. Peak training memory on the CPU is the growth of the
+baseline, ...) after warm-up runs. The table shows the median time of each side and, as the
+ratio, the median over rounds of each round's candidate / baseline ratio: the two runs of a
+round are back to back, so slow drifts of a shared machine cancel. Peak training memory on the CPU is the growth of the
 peak resident set (``VmHWM``) over one training step, measured in a fresh subprocess per model;
 on CUDA it is ``max_memory_allocated``.
 """
@@ -40,6 +41,15 @@ STAGE_SHAPES = [  # (D, H, W, kernel_size): MRConvNeXt-T stages at 224x224
 LONG = dict(batch=4, dim=256, seq_len=16384, kernel_size=64, max_resolutions=9)  # LRA-like, 9 resolutions
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """Median of the per-round ratios and their range (how noisy the machine was)."""
+
+    median: float
+    low: float
+    high: float
+
+
 @dataclass
 class Row:
     target: str
@@ -50,11 +60,15 @@ class Row:
     cand_value: float
     unit: str
     goal: str  # e.g. ">= 0.85" on the ratio candidate/baseline (or baseline/candidate for throughput)
-    ratio: float
+    ratio: Ratio | float  # a float where there are no rounds (peak memory)
+
+    @property
+    def value(self) -> float:
+        return self.ratio.median if isinstance(self.ratio, Ratio) else self.ratio
 
     def met(self) -> str:
         op, bound = self.goal.split()
-        return "yes" if (self.ratio >= float(bound) if op == ">=" else self.ratio <= float(bound)) else "NO"
+        return "yes" if (self.value >= float(bound) if op == ">=" else self.value <= float(bound)) else "NO"
 
 
 def sync(device: torch.device) -> None:
@@ -62,8 +76,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, run round-robin after ``warmup`` rounds."""
+@dataclass
+class Timings:
+    """Seconds per call of each function, one entry per round (all functions run once per round)."""
+
+    times: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, candidate: str, *baselines: str) -> Ratio:
+        """Median over rounds of ``candidate / sum(baselines)``: each round's runs are back to back,
+        so drifts of a shared machine slower than one round cancel."""
+        rounds = zip(self.times[candidate], *(self.times[name] for name in baselines), strict=True)
+        ratios = [cand / sum(bases) for cand, *bases in rounds]
+        return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> Timings:
+    """Time each function ``repeats`` times, round-robin, after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_idx in range(warmup + repeats):
         for name, fn in fns.items():
@@ -73,7 +104,7 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, dev
             sync(device)
             if round_idx >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return Timings(times)
 
 
 def autocast(device: torch.device):
@@ -111,8 +142,9 @@ def bench_inference(args, device) -> list[Row]:
     models["mrconvnext_tiny (deploy)"] = create_model("mrconvnext_tiny", device, False)
     with torch.no_grad(), autocast(device):
         fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
-        t = compare(fns, args.repeats, 1, device)
+        t = compare(fns, args.infer_repeats, 1, device)
     base, cand = (args.batch / t[name] for name in models)
+    ratio = t.ratio(*models)  # images/s: baseline time / candidate time
     goal = ">= 0.9" if device.type == "cuda" else ">= 0.85"
     return [
         Row(
@@ -124,7 +156,7 @@ def bench_inference(args, device) -> list[Row]:
             cand,
             "img/s",
             goal,
-            cand / base,
+            ratio,
         )
     ]
 
@@ -186,7 +218,17 @@ def bench_training(args, device, targets) -> list[Row]:
     if "2" in targets:
         cand = t["mrconvnext_tiny (BN)"]
         rows.append(
-            Row("2", "train step time", "convnext_tiny", base, "mrconvnext_tiny BN", cand, "s", "<= 1.5", cand / base)
+            Row(
+                "2",
+                "train step time",
+                "convnext_tiny",
+                base,
+                "mrconvnext_tiny BN",
+                cand,
+                "s",
+                "<= 1.5",
+                t.ratio("mrconvnext_tiny (BN)", "convnext_tiny"),
+            )
         )
         mem_base = peak_train_memory("convnext_tiny", "batch", args.batch, device)
         mem = peak_train_memory("mrconvnext_tiny", "batch", args.batch, device)
@@ -215,7 +257,7 @@ def bench_training(args, device, targets) -> list[Row]:
                 cand,
                 "s",
                 "<= 1.15",
-                cand / base,
+                t.ratio("mrconvnext_tiny (scale)", "convnext_tiny"),
             )
         )
     return rows
@@ -256,7 +298,7 @@ def bench_deploy_layers(args, device) -> list[Row]:
                 t["layer"] * 1e3,
                 "ms",
                 "<= 1.2",
-                t["layer"] / t["fft"],
+                t.ratio("layer", "fft"),
             )
         )
     return rows
@@ -314,7 +356,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                 t["fused"] * 1e3,
                 "ms",
                 "<= 1.3",
-                t["fused"] / t["ffts"],
+                t.ratio("fused", "ffts"),
             )
         )
         with_kernel = t["ffts"] + t["kernel_ffts"]
@@ -328,7 +370,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                 t["fused"] * 1e3,
                 "ms",
                 "<= 1.3",
-                t["fused"] / with_kernel,
+                t.ratio("fused", "ffts", "kernel_ffts"),
             )
         )
         if "reference" in t:
@@ -342,7 +384,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                     t["reference"] * 1e3,
                     "ms",
                     "<= 1.3",
-                    t["reference"] / t["ffts"],
+                    t.ratio("reference", "ffts"),
                 )
             )
     if "5" in targets:
@@ -373,7 +415,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                     t["scale"] * 1e3,
                     "ms",
                     "<= 1.2",
-                    t["scale"] / t["deploy"],
+                    t.ratio("scale", "deploy"),
                 )
             )
     return rows
@@ -398,7 +440,19 @@ def machine_info(device: torch.device) -> list[str]:
 
 
 def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed: float) -> None:
-    header = ["target", "measurement", "baseline", "value", "candidate", "value", "unit", "ratio", "goal", "met"]
+    header = [
+        "target",
+        "measurement",
+        "baseline",
+        "value",
+        "candidate",
+        "value",
+        "unit",
+        "ratio",
+        "rounds",
+        "goal",
+        "met",
+    ]
     body = [
         [
             r.target,
@@ -408,7 +462,8 @@ def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed:
             r.candidate,
             f"{r.cand_value:.4g}",
             r.unit,
-            f"{r.ratio:.3f}",
+            f"{r.value:.3f}",
+            f"{r.ratio.low:.2f}-{r.ratio.high:.2f}" if isinstance(r.ratio, Ratio) else "",
             r.goal,
             r.met(),
         ]
@@ -418,7 +473,8 @@ def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed:
     for line in info:
         print(f"- {line}")
     print(
-        f"- wall time {elapsed:.0f} s; ratio = candidate / baseline (images/s for target 1); rows marked * are context\n"
+        f"- wall time {elapsed:.0f} s; ratio = median over rounds of candidate / baseline (images/s for target 1), "
+        f"rounds = its range; rows marked * are context\n"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -437,6 +493,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = 3 if args.quick else 7
+    args.infer_repeats = 3 if args.quick else 11
     args.train_repeats = 2 if args.quick else 5
     args.long_repeats = 2 if args.quick else 5
     targets = set(args.targets.split(","))

@@ -373,7 +373,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                 t.ratio("fused", "ffts", "kernel_ffts"),
             )
         )
-        if "reference" in t:
+        if "reference" in t.times:
             rows.append(
                 Row(
                     "4*",

@@ -7,9 +7,9 @@
 Method: every comparison runs its candidates round-robin in this process (baseline, candidate,
 baseline, ...) after warm-up runs. The table shows the median time of each side and, as the
 ratio, the median over rounds of each round's candidate / baseline ratio: the two runs of a
-round are back to back, so slow drifts of a shared machine cancel. Peak training memory on the CPU is the growth of the
-peak resident set (``VmHWM``) over one training step, measured in a fresh subprocess per model;
-on CUDA it is ``max_memory_allocated``.
+round are back to back, so slow drifts of a shared machine cancel. Peak training memory on the
+CPU is the growth of the peak resident set (``VmHWM``) over one training step, measured in a
+fresh subprocess per model; on CUDA it is ``max_memory_allocated``.
 """
 
 from __future__ import annotations

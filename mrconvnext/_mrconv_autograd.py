@@ -36,17 +36,23 @@ import torch
 __all__ = ["branch_bn_conv", "conv_buffer", "channel_chunk"]
 
 _CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
+_CACHE_LINE_BYTES = 64
 
 
 def channel_chunk(x: torch.Tensor, n: int) -> int:
     """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values take about ``_CHUNK_BYTES``.
 
-    On the CPU only: a GPU wants the whole tensor in one launch.
+    With channels adjacent in memory (a channels-last map flattened by ``MRConv2d``) a block
+    spans at least one cache line of channels, or every block would pull in whole lines to use
+    a few values of each. On the CPU only: a GPU wants the whole tensor in one launch.
     """
     batch, dim = x.shape[0], x.shape[1]
     if x.device.type != "cpu":
         return dim
-    return max(1, min(dim, _CHUNK_BYTES // max(1, batch * n * x.element_size())))
+    chunk = _CHUNK_BYTES // max(1, batch * n * x.element_size())
+    if x.stride(1) == 1 and dim > 1:
+        chunk = max(chunk, _CACHE_LINE_BYTES // x.element_size())
+    return max(1, min(dim, chunk))
 
 
 class _PaddedRfft:

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ._mrconv_autograd import channel_chunk, conv_buffer
+from ._mrconv_autograd import _PaddedRfft, channel_chunk, conv_buffer
 
 __all__ = [
     "fft_conv",
@@ -166,16 +166,17 @@ def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) 
 def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Convolve ``u`` ``(B, D, L)`` with a kernel given by its length-``n`` spectrum ``(D, n//2+1)``.
 
-    Runs over blocks of channels that fit in cache. An optional per-channel ``bias`` ``(D,)``
-    is added in the frequency domain: a constant over the whole circular buffer is ``n * bias``
-    in the DC bin, which saves a pass over the output.
+    Runs over blocks of channels that fit in cache, zero-padded through one staging buffer. An
+    optional per-channel ``bias`` ``(D,)`` is added in the frequency domain: a constant over the
+    whole circular buffer is ``n * bias`` in the DC bin, which saves a pass over the output.
     """
     batch, dim, seq_len = u.shape
     y = u.new_empty(batch, dim, seq_len)
     step = channel_chunk(u, n)
+    rfft = _PaddedRfft(u, batch, step, n)
     for start in range(0, dim, step):
         block = slice(start, start + step)
-        y_f = torch.fft.rfft(u[:, block], n=n).mul_(k_f[block])
+        y_f = rfft(u[:, block]).mul_(k_f[block])
         if bias is not None:
             y_f[..., 0] += bias[block] * n
         y[:, block] = torch.fft.irfft(y_f, n=n)[..., :seq_len]

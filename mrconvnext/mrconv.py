@@ -346,8 +346,8 @@ class MRConv(nn.Module):
         bias = self.bias.detach().to(compute_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(compute_dtype)
-            if direct:
-                y = torch.baddbmm(bias[:, None, None], u.transpose(0, 1), kernel).transpose(0, 1)
+            if direct:  # (D, B, L) batches of contiguous matrices: a strided batch falls back to one matmul each
+                y = torch.baddbmm(bias[:, None, None], u.transpose(0, 1).contiguous(), kernel).transpose(0, 1)
             else:
                 y = fft_conv_spectrum(u, kernel, n, bias)
         return y.to(out_dtype)

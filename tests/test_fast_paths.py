@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrconvnext import MRConv, MRConv2d
-from mrconvnext._mrconv_autograd import branch_bn_conv, conv_buffer
+from mrconvnext._mrconv_autograd import branch_bn_conv, channel_chunk, conv_buffer
 from mrconvnext.fft_conv import fft_conv, fft_conv_spectrum, fft_length, kernel_spectrum, toeplitz_kernel
 
 from .reference import direct_conv, randomize_, rel_err
@@ -138,6 +138,23 @@ def test_cached_path_keeps_mrconv2d_layout():
         layer.reparameterize()
         assert rel_err(layer(x), ref) < 1e-5
         assert rel_err(layer(x.bfloat16()).float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("size, batch", [(7, 3), (14, 100)])  # L = 49: Toeplitz path; L = 196: FFT path
+def test_channels_last_deploy_input_matches_direct_conv(size, batch):
+    """Channels-last maps (ConvNeXt's residual stream) are read in blocks of whole cache lines of
+    channels (more channels than the cache-sized block) and copied for the Toeplitz batched matmul."""
+    torch.manual_seed(0)
+    layer = MRConv2d(40, size * size, 9, kernel_type="fourier_sparse").double().eval()
+    randomize_(layer)
+    layer.reparameterize()
+    x = torch.randn(batch, 40, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    flat = x.reshape(batch, 40, -1)
+    if size == 14:  # the cache-sized block would hold 6 channels, a cache line holds 8 float64 ones
+        assert channel_chunk(flat, fft_length(196, 196, True)) == 8
+    expected = direct_conv(flat, layer.weight.detach(), True) + layer.bias.detach()[:, None]
+    with torch.no_grad():
+        assert rel_err(layer(x).reshape(batch, 40, -1), expected) < 1e-12
 
 
 # ----------------------------------------------------------------------------- norm='scale'

@@ -346,8 +346,10 @@ class MRConv(nn.Module):
         bias = self.bias.detach().to(compute_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(compute_dtype)
-            if direct:  # (D, B, L) batches of contiguous matrices: a strided batch falls back to one matmul each
-                y = torch.baddbmm(bias[:, None, None], u.transpose(0, 1).contiguous(), kernel).transpose(0, 1)
+            if direct:
+                # baddbmm over (D, B, L) needs unit-stride rows: with channels-last input it falls back to one matmul per channel
+                rows = u if u.stride(-1) == 1 else u.contiguous()
+                y = torch.baddbmm(bias[:, None, None], rows.transpose(0, 1), kernel).transpose(0, 1)
             else:
                 y = fft_conv_spectrum(u, kernel, n, bias)
         return y.to(out_dtype)

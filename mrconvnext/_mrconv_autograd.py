@@ -12,20 +12,22 @@ run from cache instead of streaming full ``(B, D, n)`` tensors through memory be
 
 ``branch_bn_conv`` (train-form Eq. 12 with exact BatchNorm): branch outputs
 ``c_i = irfft(U K_i)[:L]`` and batch statistics ``mu_i, sigma_i`` over ``(B, L)`` make the
-layer affine in the branch outputs::
+layer affine in the centred branch outputs::
 
-    y = sum_i s_i c_i + b,   s_i = alpha_i gamma_i / sigma_i,   b = sum_i alpha_i (beta_i - gamma_i mu_i / sigma_i)
+    y = sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i,   s_i = alpha_i gamma_i / sigma_i
 
-(one ``rfft`` of ``u``, ``N`` ``irfft``, one weighted sum). BatchNorm's backward makes every
-branch gradient affine in ``dy`` and ``c_i`` with per-channel scalars::
+(one ``rfft`` of ``u``, ``N`` ``irfft``, one weighted sum). The means come first, from the
+spectra: ``sum_{b, t<L} c_i = sum_f w_f Re(sum_b U_b K_i conj(W))`` (Parseval, ``W`` the spectrum
+of ``1_[0,L)``), so each branch is written once, centred, and its variance is one dot product.
+BatchNorm's backward makes every branch gradient affine in ``dy`` and ``c_i`` with per-channel
+scalars::
 
-    dL/dc_i = a_i dy + b_i 1_[0,L) + e_i c_i,
-    a_i = s_i,  e_i = -s_i m_i / sigma_i,  b_i = -s_i (mean(dy) - mu_i m_i / sigma_i),  m_i = mean(dy c_hat_i)
+    dL/dc_i = s_i (dy - mean(dy)) - (s_i m_i / sigma_i) (c_i - mu_i),   m_i = mean(dy (c_i - mu_i) / sigma_i)
 
 hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy``, ``N``
-``rfft`` of the saved ``c_i``, one ``rfft`` recomputing ``U`` (saving ``u`` instead of its
-spectrum halves that memory) and one ``irfft``. The reductions over the batch (``sum dy c_i``
-by Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
+``rfft`` of the saved centred ``c_i``, one ``rfft`` recomputing ``U`` (saving ``u`` instead of
+its spectrum halves that memory) and one ``irfft``. The reductions over the batch (``m_i`` by
+Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
 and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor.
 """
 
@@ -131,7 +133,10 @@ class _BranchBatchNormConv(torch.autograd.Function):
         if count < 2:
             raise ValueError(f"MRConv BatchNorm needs more than 1 value per channel in training, got {tuple(u.shape)}")
         k_f = torch.fft.rfft(kb, n=n)  # (N, D, F)
-        branches = u.new_empty(num_branches, batch, dim, seq_len)
+        # sum_{t<L} c_i = sum_f w_f Re(C_f conj(W_f)) with W the spectrum of 1_[0, L): the means come
+        # from the spectra, before the branch outputs exist
+        window_w = torch.fft.rfft(u.new_ones(seq_len), n=n).conj_physical_() * _parseval_weights(n, u.dtype, u.device)
+        branches = u.new_empty(num_branches, batch, dim, seq_len)  # centred: c_i - mu_i
         mean = u.new_empty(num_branches, dim)
         var = u.new_empty(num_branches, dim)
         y = u.new_empty(batch, dim, seq_len)
@@ -140,14 +145,13 @@ class _BranchBatchNormConv(torch.autograd.Function):
         for start in range(0, dim, step):
             block = slice(start, start + step)
             block_f = rfft(u[:, block])
+            mean[:, block] = block_mean = (block_f.sum(0) * window_w * k_f[:, block]).real.sum(-1) / count
             for i in range(num_branches):
                 c = torch.fft.irfft(block_f * k_f[i, block], n=n)[..., :seq_len]
-                branches[i, :, block] = c
-                mean[i, block] = block_mean = c.sum((0, 2)) / count
-                var[i, block] = (c - block_mean[:, None]).square_().sum((0, 2)) / count  # two-pass, stable
-            inv_std = torch.rsqrt(var[:, block] + eps)
-            scale = alpha[:, block] * gamma[:, block] * inv_std  # s_i
-            shift = (alpha[:, block] * (beta[:, block] - gamma[:, block] * mean[:, block] * inv_std)).sum(0)
+                centred = torch.sub(c, block_mean[i, :, None], out=branches[i, :, block])
+                var[i, block] = torch.linalg.vecdot(centred, centred).sum(0) / count  # two-pass, stable
+            scale = alpha[:, block] * gamma[:, block] * torch.rsqrt(var[:, block] + eps)  # s_i
+            shift = (alpha[:, block] * beta[:, block]).sum(0)  # sum_i s_i mu_i cancels against the centring
             out = torch.addcmul(shift[:, None], branches[0, :, block], scale[0, :, None])
             for i in range(1, num_branches):
                 out.addcmul_(branches[i, :, block], scale[i, :, None])
@@ -156,13 +160,13 @@ class _BranchBatchNormConv(torch.autograd.Function):
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
         # u, not its spectrum (twice the memory): the backward recomputes one rfft per block
-        ctx.save_for_backward(u, k_f, branches, mean, var, gamma, beta, alpha)
+        ctx.save_for_backward(u, k_f, branches, var, gamma, beta, alpha)
         ctx.n, ctx.seq_len, ctx.eps = n, seq_len, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, k_f, branches, mean, var, gamma, beta, alpha = ctx.saved_tensors
+        u, k_f, branches, var, gamma, beta, alpha = ctx.saved_tensors
         n, seq_len = ctx.n, ctx.seq_len
         num_branches, batch, dim, _ = branches.shape
         count = batch * seq_len
@@ -171,7 +175,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         window_f = torch.fft.rfft(grad_y.new_ones(seq_len), n=n)  # spectrum of 1_[0, L)
         weights = _parseval_weights(n, grad_y.dtype, grad_y.device)
         sum_dy = grad_y.sum((0, 2))  # (D,)
-        dot_hat = torch.empty_like(mean)  # sum_{b,t} dy c_hat_i, (N, D)
+        dot_hat = torch.empty_like(var)  # sum_{b,t} dy c_hat_i, (N, D)
         grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
         grad_kb_f = torch.empty_like(k_f)
         step = channel_chunk(grad_y, n)
@@ -179,18 +183,16 @@ class _BranchBatchNormConv(torch.autograd.Function):
         for start in range(0, dim, step):
             block = slice(start, start + step)
             dy_f = rfft(grad_y[:, block])  # (B, c, F)
+            dy_f.sub_(window_f * (sum_dy[block, None] / count))  # spectrum of dy - mean(dy) on [0, L)
             u_conj = rfft(u[:, block]).conj_physical_()
             k_conj = k_f[:, block].conj_physical()  # (N, c, F)
             cross = (u_conj * dy_f).sum(0)  # sum_b conj(U_b) DY_b, (c, F)
-            dot = ((cross.conj() * k_f[:, block]).real * weights).sum(-1)  # sum_{b,t} dy c_i, (N, c)
-            dot_hat[:, block] = (dot - mean[:, block] * sum_dy[block]) * inv_std[:, block]
-            m_hat = dot_hat[:, block] / count
+            # sum_{b,t} (dy - mean dy) c_i = sum_{b,t} dy (c_i - mu_i), by Parseval
+            dot_hat[:, block] = ((cross.conj() * k_f[:, block]).real * weights).sum(-1) * inv_std[:, block]
             coef_dy = scale[:, block]
-            coef_c = -coef_dy * m_hat * inv_std[:, block]
-            coef_one = -coef_dy * (sum_dy[block] / count - mean[:, block] * m_hat * inv_std[:, block])
+            coef_c = -coef_dy * dot_hat[:, block] * inv_std[:, block] / count
             grad_u_f = dy_f.mul_((coef_dy[..., None] * k_conj).sum(0))
-            grad_u_f += window_f * (coef_one[..., None] * k_conj).sum(0)
-            grad_kb_f[:, block] = coef_dy[..., None] * cross + coef_one[..., None] * (u_conj.sum(0) * window_f)
+            grad_kb_f[:, block] = coef_dy[..., None] * cross
             for i in range(num_branches):
                 c_f = rfft(branches[i, :, block])  # (B, c, F)
                 grad_kb_f[i, block] += (u_conj * c_f).sum(0) * coef_c[i, :, None]

@@ -61,6 +61,26 @@ def test_fused_train_step_float32_and_no_grad():
         fast(torch.randn(1, 5, 1))
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_fused_train_step_float32_with_offset_inputs(offset):
+    """Branch means come from the spectra (Parseval) and the saved branches are centred: with inputs
+    whose mean dwarfs their spread, float32 outputs, gradients and running statistics still match
+    the float64 reference to float32 accuracy."""
+    fast, ref = make_pair("fourier_sparse", True, seed=5)
+    fast = fast.float()
+    x = torch.randn(4, 5, SEQ_LEN, dtype=torch.float64) * 0.1 + offset
+    x_fast, x_ref = x.float().requires_grad_(), x.clone().requires_grad_()
+    weight = torch.randn(4, 5, SEQ_LEN, dtype=torch.float64)
+    y, y_ref = fast(x_fast), ref._forward_branches_reference(x_ref, 1.0)
+    assert rel_err(y.double(), y_ref) < 2e-5
+    (y.double() * weight).sum().backward()
+    (y_ref * weight).sum().backward()
+    for g, g_ref in zip(grads(fast, x_fast), grads(ref, x_ref), strict=True):
+        assert rel_err(g.double(), g_ref) < 2e-4
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(fast.norm, name).double(), getattr(ref.norm, name)) < 2e-5
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_eval_train_form_merges_branches_exactly(bidirectional):
     fast, ref = make_pair("fourier_sparse", bidirectional)

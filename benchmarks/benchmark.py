@@ -434,6 +434,9 @@ def machine_info(device: torch.device) -> list[str]:
         f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"mrconvnext {mrconvnext.__version__}, {platform.platform()}",
     ]
+    # allocator settings change the CPU training figures (page faults, see BENCHMARKS.md): say which were used
+    tuning = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "THP_", "LD_PRELOAD"))]
+    info.append(f"allocator: {', '.join(tuning) if tuning else 'default (glibc malloc, no tuning variables)'}")
     if device.type == "cuda":
         info.append(f"GPU: {torch.cuda.get_device_name(device)} (bf16 autocast for targets 1, 2, 5)")
     return info

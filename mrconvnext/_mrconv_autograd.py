@@ -33,9 +33,11 @@ and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-__all__ = ["branch_bn_conv", "conv_buffer", "channel_chunk"]
+__all__ = ["BranchWorkspace", "branch_bn_conv", "conv_buffer", "channel_chunk"]
 
 _CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
 _CACHE_LINE_BYTES = 64
@@ -83,6 +85,51 @@ def _parseval_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch
     return weights
 
 
+class BranchWorkspace:
+    """One layer's storage for the saved branch outputs of :func:`branch_bn_conv`, reused across steps.
+
+    The saved branches are ``N`` times the activation (96 MB for a stage-1 MRConvNeXt-T layer at
+    batch 16). Fresh, they cost a page fault per 4 KB on every step, and glibc's allocator, which
+    maps allocations that large anew each time, ends up returning more of the heap to the system
+    between ops, so the model's other ops fault more too (BENCHMARKS.md rows 20-21). The storage is
+    reused only once no autograd graph holds it (its only reference is this workspace), so
+    gradient accumulation, ``retain_graph`` or two forwards before one backward get new storage.
+    Storage is per thread (``nn.DataParallel`` replicas share the layer object); copies and pickles
+    of the layer start empty; :meth:`release` frees it (``MRConv.eval()`` does).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def storage(self) -> torch.Tensor | None:
+        return getattr(self._local, "storage", None)
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        held = self.storage
+        if (
+            held is None
+            or held.shape != shape
+            or held.dtype != like.dtype
+            or held.device != like.device
+            or held._use_count() != 1  # a graph still holds it
+        ):
+            held = self._local.storage = like.new_empty(shape)
+        return held
+
+    def release(self) -> None:
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> BranchWorkspace:
+        return BranchWorkspace()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
+
+
 class _ConvBuffer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, kb, bias):
@@ -126,7 +173,7 @@ class _ConvBuffer(torch.autograd.Function):
 
 class _BranchBatchNormConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps):
+    def forward(ctx, u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps, workspace):
         batch, dim, seq_len = u.shape
         num_branches, n = kb.shape[0], kb.shape[-1]
         count = batch * seq_len
@@ -136,7 +183,8 @@ class _BranchBatchNormConv(torch.autograd.Function):
         # sum_{t<L} c_i = sum_f w_f Re(C_f conj(W_f)) with W the spectrum of 1_[0, L): the means come
         # from the spectra, before the branch outputs exist
         window_w = torch.fft.rfft(u.new_ones(seq_len), n=n).conj_physical_() * _parseval_weights(n, u.dtype, u.device)
-        branches = u.new_empty(num_branches, batch, dim, seq_len)  # centred: c_i - mu_i
+        shape = (num_branches, batch, dim, seq_len)
+        branches = workspace.take(shape, u) if workspace is not None else u.new_empty(shape)  # centred: c_i - mu_i
         mean = u.new_empty(num_branches, dim)
         var = u.new_empty(num_branches, dim)
         y = u.new_empty(batch, dim, seq_len)
@@ -200,7 +248,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
             if grad_u is not None:
                 grad_u[:, block] = torch.fft.irfft(grad_u_f, n=n)[..., :seq_len]
         grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
-        return grad_u, grad_kb, alpha * dot_hat, alpha * sum_dy, gamma * dot_hat + beta * sum_dy, None, None, None, None
+        return grad_u, grad_kb, alpha * dot_hat, alpha * sum_dy, gamma * dot_hat + beta * sum_dy, *[None] * 5
 
 
 def conv_buffer(u: torch.Tensor, kb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,11 +270,13 @@ def branch_bn_conv(
     running_var: torch.Tensor,
     factor: float,
     eps: float,
+    workspace: BranchWorkspace | None = None,
 ) -> torch.Tensor:
     """Training-mode Eq. 12: ``sum_i alpha_i BN_i(kb_i * u)`` with batch statistics.
 
     ``u``: ``(B, D, L)``; ``kb``: circular kernel buffers ``(N, D, n)``; ``gamma, beta, alpha``:
     ``(N, D)``. ``running_mean`` / ``running_var`` ``(N, D)`` are updated in place with
-    momentum ``factor`` (unbiased variance, as ``F.batch_norm``). Returns ``(B, D, L)``.
+    momentum ``factor`` (unbiased variance, as ``F.batch_norm``). ``workspace`` lends the storage
+    for the saved branch outputs (see :class:`BranchWorkspace`). Returns ``(B, D, L)``.
     """
-    return _BranchBatchNormConv.apply(u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps)
+    return _BranchBatchNormConv.apply(u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps, workspace)

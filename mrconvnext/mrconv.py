@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._mrconv_autograd import branch_bn_conv, conv_buffer
+from ._mrconv_autograd import BranchWorkspace, branch_bn_conv, conv_buffer
 from .fft_conv import (
     _HALF_DTYPES,
     fft_conv,
@@ -184,6 +184,7 @@ class MRConv(nn.Module):
             self.deploy_kernel_len = min(sum(self.lengths), seq_len)
         self.deploy = False
         self._spectrum_cache: dict = {}
+        self._branch_workspace = BranchWorkspace()
         if deploy:
             self._init_deploy()
             return
@@ -268,6 +269,12 @@ class MRConv(nn.Module):
         self._spectrum_cache.clear()
 
     # ----------------------------------------------------------------------------- forward
+    def train(self, mode: bool = True) -> MRConv:
+        """As ``nn.Module.train``; switching to eval frees the storage kept for the training step's branches."""
+        if not mode:
+            self._branch_workspace.release()
+        return super().train(mode)
+
     def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ValueError(f"{type(self).__name__} expects input of shape {layout}, got shape {tuple(x.shape)}")
@@ -370,7 +377,16 @@ class MRConv(nn.Module):
                 n = fft_length(seq_len, kernels[-1].shape[-1], self.bidirectional)
                 buffers = kernel_buffers(kernels, seq_len, n, self.bidirectional)  # (N, D, n)
                 y = branch_bn_conv(
-                    u, buffers, gamma, beta, alpha, norm.running_mean, norm.running_var, factor, norm.eps
+                    u,
+                    buffers,
+                    gamma,
+                    beta,
+                    alpha,
+                    norm.running_mean,
+                    norm.running_var,
+                    factor,
+                    norm.eps,
+                    None if torch.compiler.is_compiling() else self._branch_workspace,  # Python-side state
                 )
             else:  # running statistics: Eq. 13 on the fly, one convolution
                 scale = alpha * gamma * torch.rsqrt(norm.running_var.to(compute_dtype) + norm.eps)

@@ -61,6 +61,33 @@ def test_fused_train_step_float32_and_no_grad():
         fast(torch.randn(1, 5, 1))
 
 
+def test_branch_storage_reused_only_when_no_graph_holds_it():
+    """The saved branch outputs live in a per-layer workspace: reused after backward, never while a
+    graph still needs them (two forwards before one backward, as in gradient accumulation)."""
+    fast, ref = make_pair("fourier_sparse", True, seed=6)
+    xs = [torch.randn(3, 5, SEQ_LEN, dtype=torch.float64) * 2 + 0.5 for _ in range(3)]
+    weights = [torch.randn(3, 5, SEQ_LEN, dtype=torch.float64) for _ in range(3)]
+    (fast(xs[0]) * weights[0]).sum().backward()
+    first = fast._branch_workspace.storage
+    assert first is not None
+    # two graphs alive at once: the second forward must not overwrite the first one's branches
+    losses = [(fast(x) * w).sum() for x, w in zip(xs[1:], weights[1:], strict=True)]
+    assert fast._branch_workspace.storage.data_ptr() != first.data_ptr()
+    sum(losses).backward()
+    for x, w in zip(xs, weights, strict=True):
+        (ref._forward_branches_reference(x, 1.0) * w).sum().backward()
+    for g, g_ref in zip(grads(fast, xs[0]), grads(ref, xs[0]), strict=True):
+        if g is not None:  # the inputs do not require grad here
+            assert rel_err(g, g_ref) < 1e-9
+    # after backward the storage is free again: the next step reuses it
+    held = fast._branch_workspace.storage
+    (fast(xs[0]) * weights[0]).sum().backward()
+    assert fast._branch_workspace.storage.data_ptr() == held.data_ptr()
+    assert copy.deepcopy(fast)._branch_workspace.storage is None
+    fast.eval()
+    assert fast._branch_workspace.storage is None
+
+
 @pytest.mark.parametrize("offset", [0.0, 300.0])
 def test_fused_train_step_float32_with_offset_inputs(offset):
     """Branch means come from the spectra (Parseval) and the saved branches are centred: with inputs

@@ -467,6 +467,7 @@ def _run(args: argparse.Namespace) -> int:
     entries = model_entries(args)
     if args.results_file:
         read_results(args.results_file)  # fail before evaluating, not after
+    accelerator = None
     if args.benchmark:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--benchmark times one process; run it without torchrun / accelerate launch")
@@ -485,20 +486,26 @@ def _run(args: argparse.Namespace) -> int:
         run = partial(validate, args, folder=folder, accelerator=accelerator)
 
     rows, failed = [], 0
-    for name, checkpoint in entries:
-        try:
-            row = run(name, checkpoint)
-        except UsageError as e:
-            if len(entries) == 1:
-                raise
-            failed += 1
-            print(f"validate.py: error: {e}", file=sys.stderr)
-            continue
-        rows.append(row)
-        if is_main:
-            print(json.dumps(row), flush=True)
-    if is_main and args.results_file and rows:
-        write_results(args.results_file, rows)
+    try:
+        for name, checkpoint in entries:
+            try:
+                row = run(name, checkpoint)
+            except UsageError as e:
+                if len(entries) == 1:
+                    raise
+                failed += 1
+                print(f"validate.py: error: {e}", file=sys.stderr)
+                continue
+            rows.append(row)
+            if is_main:
+                print(json.dumps(row), flush=True)
+        if is_main and args.results_file and rows:
+            write_results(args.results_file, rows)
+    finally:
+        if accelerator is not None:
+            # destroys the process group: gloo's threads left running at interpreter exit can abort the
+            # process ("terminate called without an active exception") after the results are printed
+            accelerator.end_training()
     return 1 if failed else 0
 
 

@@ -1,4 +1,4 @@
-"""MRConv / MRConvNeXt performance targets of issue 7, measured side by side in one run.
+"""MRConv / MRConvNeXt performance targets (see BENCHMARKS.md), measured side by side in one run.
 
     python benchmarks/benchmark.py                 # all targets, CPU (or CUDA with bf16 autocast if present)
     python benchmarks/benchmark.py --quick         # fewer repeats, skips the slow plain-autograd reference
@@ -25,12 +25,16 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
 
 import mrconvnext
 from mrconvnext import MRConv, MRConv2d, fft_length
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' plain-autograd reference layer
+from tests.reference import branch_bn_autograd  # noqa: E402
 
 STAGE_SHAPES = [  # (D, H, W, kernel_size): MRConvNeXt-T stages at 224x224
     (96, 56, 56, 196),
@@ -343,7 +347,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
 
         fns = {"ffts": inherent_ffts, "kernel_ffts": kernel_ffts, "fused": fwd_bwd(layer)}
         if not args.quick:
-            fns["reference"] = fwd_bwd(lambda inp: layer._forward_branches_reference(inp, 1.0))
+            fns["reference"] = fwd_bwd(lambda inp: branch_bn_autograd(layer, inp))
         t = compare(fns, args.long_repeats, 1, device)
         what = f"train layer fwd+bwd, N={num_res}"
         rows.append(

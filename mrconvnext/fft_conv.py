@@ -14,29 +14,64 @@ convention; lag 0 belongs to the causal half only)::
 
 Inputs outside ``[0, L)`` are zero. A kernel longer than the input is cut (taps beyond lag
 ``L - 1`` never reach an output); a shorter one is implicitly zero-padded.
+
+Primitives
+----------
+Kernels are embedded in real circular buffers of length ``n`` (:func:`kernel_buffer`,
+:func:`fft_length` picks ``n`` so that wrap-around cannot reach an output). With ``U = rfft(u)`` and
+``K = rfft(kb)``, :func:`conv_buffer` computes ``y = irfft(U K)[:L] + b`` with a hand-written
+backward: ``du = irfft(DY conj(K))[:L]``, ``dkb = irfft(sum_b conj(U_b) DY_b)`` (one FFT of ``dy``,
+one inverse, one small inverse). Every op is independent per channel, so on the CPU the loops
+walk over blocks of channels whose spectra fit in the L2 cache (:func:`channel_chunk`) and pad
+through one staging buffer (:class:`PaddedRfft`). :func:`toeplitz_kernel` and
+:func:`fft_conv_spectrum` serve a fixed kernel from a cached matrix or spectrum. Half-precision
+inputs are computed in float32 (:func:`full_precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
-
-from ._mrconv_autograd import _PaddedRfft, channel_chunk, conv_buffer
 
 __all__ = [
     "fft_conv",
     "fft_length",
+    "full_precision",
     "kernel_buffer",
     "kernel_buffers",
-    "merge_kernels",
     "kernel_spectrum",
+    "conv_buffer",
     "fft_conv_spectrum",
     "toeplitz_kernel",
     "next_fast_length",
+    "channel_chunk",
+    "PaddedRfft",
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
+_CACHE_LINE_BYTES = 64
+
+
+def full_precision(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` computed in float32 for half-precision ``x`` and with autocast off; returned in ``x``'s dtype.
+
+    ``fn`` gets ``x`` in the compute dtype and casts its other operands to it. FFTs are never run
+    in half precision: cuFFT's only takes power-of-two sizes and long sums lose accuracy.
+    """
+    compute_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+    device_type = x.device.type
+    # devices without autocast (``meta``) have nothing to switch off
+    no_autocast = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
+        return fn(x.to(compute_dtype)).to(x.dtype)
 
 
 def next_fast_length(n: int) -> int:
@@ -139,23 +174,87 @@ def kernel_buffers(kernels: list[torch.Tensor], seq_len: int, n: int, bidirectio
     return torch.cat(pieces, dim=-1).view(dim, len(kernels), n).transpose(0, 1)
 
 
-def merge_kernels(kernels: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i weights[i] * ZeroPad(kernels[i])`` (Eq. 7) for kernels of non-decreasing length.
+def channel_chunk(x: torch.Tensor, n: int) -> int:
+    """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values take about ``_CHUNK_BYTES``.
 
-    ``kernels[i]``: ``(*, D, K_i)``; ``weights``: ``(N, *, D, 1)``-broadcastable. Summed segment by
-    segment (taps ``[K_{j-1}, K_j)`` only get the kernels that reach them), costing ``sum_i K_i``.
+    With channels adjacent in memory (a channels-last map flattened by ``MRConv2d``) a block
+    spans at least one cache line of channels, or every block would pull in whole lines to use
+    a few values of each. On the CPU only: a GPU wants the whole tensor in one launch.
     """
-    lengths = [k.shape[-1] for k in kernels]
-    if lengths != sorted(lengths):
-        raise ValueError(f"merge_kernels expects kernels of non-decreasing length, got {lengths}")
-    bounds = [0] + lengths
-    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
-    # split, not slicing: split's backward concatenates, slicing's zero-fills a full-size gradient per slice
-    pieces = [k.split(sizes[: i + 1], dim=-1) for i, k in enumerate(kernels)]
-    segments = [
-        sum(weights[i] * pieces[i][j] for i in range(j, len(kernels))) for j, size in enumerate(sizes) if size > 0
-    ]
-    return torch.cat(segments, dim=-1)
+    batch, dim = x.shape[0], x.shape[1]
+    if x.device.type != "cpu":
+        return dim
+    chunk = _CHUNK_BYTES // max(1, batch * n * x.element_size())
+    if x.stride(1) == 1 and dim > 1:
+        chunk = max(chunk, _CACHE_LINE_BYTES // x.element_size())
+    return max(1, min(dim, chunk))
+
+
+class PaddedRfft:
+    """``rfft(x, n)`` of channel blocks through one zero-padded staging buffer.
+
+    ``torch.fft.rfft(x, n=n)`` allocates, zero-fills and copies a padded tensor per call; here
+    the padding is written once and only the ``L`` taps of each block are copied in.
+    """
+
+    def __init__(self, like: torch.Tensor, batch: int, step: int, n: int) -> None:
+        self.buffer = like.new_zeros(batch, step, n)
+        self.n = n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.buffer[:, : x.shape[1]]
+        rows[..., : x.shape[-1]].copy_(x)
+        return torch.fft.rfft(rows, n=self.n)
+
+
+class _ConvBuffer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, kb, bias):
+        batch, dim, seq_len = u.shape
+        n = kb.shape[-1]
+        k_f = torch.fft.rfft(kb, n=n)
+        u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
+        y = u.new_empty(batch, dim, seq_len)
+        step = channel_chunk(u, n)
+        rfft = PaddedRfft(u, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            u_f[:, block] = block_f = rfft(u[:, block])
+            y_f = block_f * k_f[block]
+            if bias is not None:
+                y_f[..., 0] += bias[block] * n
+            y[:, block] = torch.fft.irfft(y_f, n=n)[..., :seq_len]
+        ctx.save_for_backward(u_f, k_f)
+        ctx.n, ctx.seq_len, ctx.has_bias = n, seq_len, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u_f, k_f = ctx.saved_tensors
+        n, seq_len = ctx.n, ctx.seq_len
+        batch, dim, _ = u_f.shape
+        grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
+        grad_kb_f = torch.empty_like(k_f)
+        step = channel_chunk(grad_y, n)
+        rfft = PaddedRfft(grad_y, batch, step, n)
+        for start in range(0, dim, step):
+            block = slice(start, start + step)
+            dy_f = rfft(grad_y[:, block])
+            grad_kb_f[block] = (u_f[:, block].conj_physical() * dy_f).sum(0)
+            if grad_u is not None:
+                grad_u[:, block] = torch.fft.irfft(dy_f.mul_(k_f[block].conj_physical()), n=n)[..., :seq_len]
+        grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_y.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_u, grad_kb, grad_bias
+
+
+def conv_buffer(u: torch.Tensor, kb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise convolution of ``u`` ``(B, D, L)`` with circular kernel buffers ``kb`` ``(D, n)``, plus ``bias``.
+
+    ``n`` must be large enough that wrap-around does not reach ``[0, L)`` (see ``fft_length``).
+    The bias rides in the DC bin (``n * b``), which saves a pass over the output.
+    """
+    return _ConvBuffer.apply(u, kb, bias)
 
 
 def kernel_spectrum(k: torch.Tensor, seq_len: int, n: int, bidirectional: bool) -> torch.Tensor:
@@ -173,7 +272,7 @@ def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int, bias: torch.Te
     batch, dim, seq_len = u.shape
     y = u.new_empty(batch, dim, seq_len)
     step = channel_chunk(u, n)
-    rfft = _PaddedRfft(u, batch, step, n)
+    rfft = PaddedRfft(u, batch, step, n)
     for start in range(0, dim, step):
         block = slice(start, start + step)
         y_f = rfft(u[:, block]).mul_(k_f[block])
@@ -207,10 +306,6 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, bidirectional: bool = False) -> t
     long sums lose accuracy.
     """
     _check_kernel(u, k, bidirectional)
-    out_dtype = u.dtype
-    compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
     seq_len = u.shape[-1]
     n = fft_length(seq_len, k.shape[-1], bidirectional)
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        y = conv_buffer(u.to(compute_dtype), kernel_buffer(k.to(compute_dtype), seq_len, n, bidirectional))
-    return y.to(out_dtype)
+    return full_precision(lambda x: conv_buffer(x, kernel_buffer(k.to(x.dtype), seq_len, n, bidirectional)), u)

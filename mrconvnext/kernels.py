@@ -1,20 +1,26 @@
-"""Sub-kernel parameterizations of MRConv (paper Section 3.3).
+"""Sub-kernel parameterizations of MRConv and their merging (paper Section 3.3, Eqs. 7, 9, 14-16).
 
 Each module holds the parameters of all ``N`` resolutions of one layer and returns, on call,
 the list of sub-kernels ``k_i`` of shape ``(num_directions, D, lengths[i])``. Resolution ``i``
 has a *nominal* length ``l_0 * 2^i`` (its resolution) and an *actual* length cut to the
 sequence length the layer is planned for. All random structure lives in persistent buffers.
+
+* :class:`DenseKernel`: free taps (the paper's dense ablation).
+* :class:`DilatedKernel`: Eq. 14, ``l_0`` taps at lags ``j * 2^i``.
+* :class:`FourierKernel`: Eq. 15, ``ceil(l_0 / 2)`` low-frequency modes at length ``l_0 * 2^i``.
+* :class:`SparseKernel`: Eq. 16, ``l_0`` taps at fixed random positions in ``[0, l_i)``.
+* :class:`FourierSparseKernel`: Eq. 9, the two above scaled and summed.
+
+:meth:`SubKernels.merge` is Eq. 7, ``sum_i w_i ZeroPad(k_i)`` (the reparameterized kernel of
+Eqs. 8 and 13 once the BatchNorms are folded into ``w_i``); :func:`merge_kernels` is its generic form.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
-
-from .fft_conv import merge_kernels
 
 __all__ = [
     "KERNEL_TYPES",
@@ -25,7 +31,29 @@ __all__ = [
     "SparseKernel",
     "FourierSparseKernel",
     "create_kernel",
+    "merge_kernels",
 ]
+
+_BASES_CACHE_SIZE = 8
+
+
+def merge_kernels(kernels: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i weights[i] * ZeroPad(kernels[i])`` (Eq. 7) for kernels of non-decreasing length.
+
+    ``kernels[i]``: ``(*, D, K_i)``; ``weights``: ``(N, *, D, 1)``-broadcastable. Summed segment by
+    segment (taps ``[K_{j-1}, K_j)`` only get the kernels that reach them), costing ``sum_i K_i``.
+    """
+    lengths = [k.shape[-1] for k in kernels]
+    if lengths != sorted(lengths):
+        raise ValueError(f"merge_kernels expects kernels of non-decreasing length, got {lengths}")
+    bounds = [0] + lengths
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    # split, not slicing: split's backward concatenates, slicing's zero-fills a full-size gradient per slice
+    pieces = [k.split(sizes[: i + 1], dim=-1) for i, k in enumerate(kernels)]
+    segments = [
+        sum(weights[i] * pieces[i][j] for i in range(j, len(kernels))) for j, size in enumerate(sizes) if size > 0
+    ]
+    return torch.cat(segments, dim=-1)
 
 
 class SubKernels(nn.Module):
@@ -130,6 +158,7 @@ class FourierKernel(SubKernels):
         # (N, dirs, D, 2 * modes): real/imaginary interleaved; at most 4-D so that
         # ``model.to(memory_format=torch.channels_last)`` (timm's --channels-last) works
         self.modes = nn.Parameter(torch.randn(len(lengths), num_directions, dim, 2 * self.num_modes) * std)
+        self._bases: dict = {}  # merge()'s cosine/sine bases per sampling plan, device and dtype
 
     def coefficients(self) -> torch.Tensor:
         """Complex Fourier coefficients ``(N, dirs, D, modes)``."""
@@ -170,15 +199,23 @@ class FourierKernel(SubKernels):
         """
         if torch.compiler.is_compiling():  # the cached bases are Python state: trace the irfft path instead
             return super().merge(weights, rate)
-        plan = self._sampling(rate)
-        bases = _fourier_bases(tuple(plan), self.num_modes, float(rate), self.modes.device, self.modes.dtype)
+        plan = tuple(self._sampling(rate))
+        key = (plan, float(rate), self.modes.device, self.modes.dtype)
+        bases = self._bases.get(key)
+        if bases is None:
+            if len(self._bases) >= _BASES_CACHE_SIZE:
+                self._bases.clear()
+            bases = self._bases[key] = _fourier_bases(plan, self.num_modes, float(rate), *key[2:])
         with torch.autocast(device_type=self.modes.device.type, enabled=False):
             scaled = (weights * self.modes).movedim(0, -2)  # (dirs, D, N, 2 * modes)
             segments = [scaled[..., first:, :].flatten(-2) @ basis for first, basis in bases]
         return torch.cat(segments, dim=-1) if len(segments) > 1 else segments[0]
 
+    def _apply(self, fn, recurse=True):
+        self._bases.clear()  # moved or cast: rebuilt on the new device and dtype
+        return super()._apply(fn, recurse)
 
-@functools.lru_cache(maxsize=32)
+
 def _fourier_bases(
     plan: tuple[tuple[int, int, int], ...], num_modes: int, rate: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[tuple[int, torch.Tensor], ...]:
@@ -202,7 +239,7 @@ def _fourier_bases(
         basis[0, 1] = 0
         rows.append(basis.reshape(2 * num_modes, taps))
     bases = []
-    with torch.inference_mode(False):  # cached and reused under autograd: must not be inference tensors
+    with torch.inference_mode(False):  # kept and reused under autograd: must not be inference tensors
         for first in range(len(plan)):
             start, end = bounds[first], bounds[first + 1]
             if end > start:

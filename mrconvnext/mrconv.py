@@ -1,52 +1,33 @@
 """MRConv: reparameterized multi-resolution long convolutions (MRConv paper, Section 3).
 
-Train form (``combine='sum'``, Eq. 12)::
+A layer exists in one of two forms, switched by :meth:`MRConv.reparameterize` (or built directly
+with ``deploy=True``), with one dispatch in :meth:`MRConv.forward`:
 
-    y = sum_i alpha_i * BN_i(k_i * u)            k_i of length l_0 * 2^i, i = 0 .. N-1
+* train form (:mod:`~mrconvnext.train_form`): sub-kernels ``k_i`` (:mod:`~mrconvnext.kernels`,
+  Section 3.3) combined by Eq. 12 with one BatchNorm per resolution
+  (:mod:`~mrconvnext.branch_norm`) and learned ``alpha``; by Eq. 9 scaling (``norm='scale'``); or
+  concatenated as in SGConv (``combine='concat'``).
+* deploy form (:mod:`~mrconvnext.deploy_form`): one long kernel and a bias (Eq. 13, BN folded
+  with Eq. 18), computed from the train form by :meth:`MRConv.merged_kernel`.
 
-Deploy form (Eq. 13, BN folded with Eq. 18)::
-
-    y = k_rep * u + b,   k_rep = sum_i alpha_i gamma_i / sigma_i * pad(k_i),
-                         b     = sum_i alpha_i (beta_i - gamma_i mu_i / sigma_i)
-
-``norm='scale'`` replaces the BatchNorms by linear rescaling (Eq. 9, proposed in Section 6 but
-not evaluated in the paper): ``y = (sum_i alpha_i * pad(k_i) / z_i) * u`` with ``z_i`` the
-sub-kernel norms at construction, merged during training so each step does one convolution.
-
-``combine='concat'`` is the Path-X variant (Appendix D.2.3) that follows SGConv's Eq. 1:
-sub-kernels of lengths ``l_0 * 2^max(i-1, 0)`` are scaled by a fixed ``decay^i``,
-concatenated in time and divided by their norm at construction (no BN, no alpha).
+Both convolve with FFTs (:mod:`~mrconvnext.fft_conv`, Section 3.4).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._mrconv_autograd import BranchWorkspace, branch_bn_conv, conv_buffer
-from .fft_conv import (
-    _HALF_DTYPES,
-    fft_conv,
-    fft_conv_spectrum,
-    fft_length,
-    kernel_buffer,
-    kernel_buffers,
-    kernel_spectrum,
-    merge_kernels,
-    toeplitz_kernel,
-)
+from .branch_norm import BranchBatchNorm
+from .deploy_form import deploy_conv
+from .fft_conv import fft_conv
 from .kernels import KERNEL_TYPES, SubKernels, create_kernel
+from .train_form import batch_norm_conv, concat_kernel, merged_batch_norm_kernel, scaled_kernel
 
 __all__ = ["MRConv", "MRConv2d", "BranchBatchNorm", "resolution_lengths", "COMBINE_MODES", "NORM_TYPES"]
 
 COMBINE_MODES = ("sum", "concat")
 NORM_TYPES = ("batch", "scale")
-
-# Sequences up to this length use a dense Toeplitz matmul in the cached inference path: at
-# L = 49 it was 2.7x faster than rfft + mul + irfft (1 CPU thread), at L = 196 1.3x slower.
-_TOEPLITZ_MAX_LEN = 128
-_CACHE_SIZE = 8
 
 
 def resolution_lengths(
@@ -69,53 +50,6 @@ def resolution_lengths(
         return list(nominal), nominal
     nominal = [kernel_size * 2**i for i in range(num_res)]
     return [min(n, seq_len) for n in nominal], nominal
-
-
-class BranchBatchNorm(nn.Module):
-    """``N`` independent BatchNorms over ``D`` channels, stored stacked as ``(N, D)`` tensors.
-
-    Applied in one ``F.batch_norm`` call to branch outputs of shape ``(B, N, D, L)``; running
-    statistics are updated in place through views of the stacked buffers.
-    """
-
-    def __init__(self, num_branches: int, dim: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
-        super().__init__()
-        self.num_branches = num_branches
-        self.dim = dim
-        self.eps = eps
-        self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_branches, dim))
-        self.bias = nn.Parameter(torch.zeros(num_branches, dim))
-        self.register_buffer("running_mean", torch.zeros(num_branches, dim))
-        self.register_buffer("running_var", torch.ones(num_branches, dim))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, branches, dim, length = x.shape
-        factor = self.momentum
-        if self.training:
-            self.num_batches_tracked.add_(1)
-            if factor is None:  # cumulative moving average, as nn.BatchNorm
-                factor = 1.0 / int(self.num_batches_tracked)
-        out = F.batch_norm(
-            x.reshape(batch, branches * dim, length),
-            self.running_mean.view(-1),
-            self.running_var.view(-1),
-            self.weight.reshape(-1).to(x.dtype),
-            self.bias.reshape(-1).to(x.dtype),
-            training=self.training,
-            momentum=factor if factor is not None else 0.0,
-            eps=self.eps,
-        )
-        return out.view(batch, branches, dim, length)
-
-    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-branch ``(scale, shift)`` of the eval-mode affine map, Eq. 18."""
-        scale = self.weight / torch.sqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
-
-    def extra_repr(self) -> str:
-        return f"num_branches={self.num_branches}, dim={self.dim}, eps={self.eps}, momentum={self.momentum}"
 
 
 class MRConv(nn.Module):
@@ -183,8 +117,7 @@ class MRConv(nn.Module):
         else:
             self.deploy_kernel_len = min(sum(self.lengths), seq_len)
         self.deploy = False
-        self._spectrum_cache: dict = {}
-        self._branch_workspace = BranchWorkspace()
+        self._deploy_cache: dict = {}  # the deploy form's inference kernels (see deploy_form)
         if deploy:
             self._init_deploy()
             return
@@ -201,7 +134,7 @@ class MRConv(nn.Module):
             self.alpha = nn.Parameter(torch.full((self.num_resolutions, dim), 1.0 / self.num_resolutions))
         else:
             with torch.no_grad():
-                norm = self._concat_kernel(normalize=False).norm(dim=-1, keepdim=True)
+                norm = concat_kernel(self.kernel, decay, seq_len).norm(dim=-1, keepdim=True)
             self.register_buffer("kernel_norm", norm.clamp_min(1e-12), persistent=True)
 
     def _init_deploy(self) -> None:
@@ -210,22 +143,18 @@ class MRConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.dim))
         self.deploy = True
 
-    # ----------------------------------------------------------------------------- kernels
-    def _concat_kernel(self, rate: float = 1.0, normalize: bool = True) -> torch.Tensor:
-        """SGConv Eq. 1: ``cat(decay^i * k_i) / Z``, cut to the planned length; ``(dirs, D, K)``."""
-        segments = [k * self.decay**i for i, k in enumerate(self.kernel(rate))]
-        kernel = torch.cat(segments, dim=-1)[..., : max(1, round(self.seq_len / rate))]
-        return kernel / self.kernel_norm if normalize else kernel
+    # ----------------------------------------------------------------------------- train form
+    def _train_kernel(self, rate: float = 1.0) -> torch.Tensor:
+        """The one merged kernel ``(dirs, D, K)`` of ``combine='concat'`` or ``norm='scale'``."""
+        if self.combine == "concat":
+            return concat_kernel(self.kernel, self.decay, self.seq_len, rate) / self.kernel_norm
+        return scaled_kernel(self.kernel, self.alpha, self.kernel_norm, rate)
 
-    def _scaled_kernel(self, rate: float = 1.0) -> torch.Tensor:
-        """Eq. 9 with norm-equalised sub-kernels: ``sum_i alpha_i pad(k_i) / z_i``, ``(dirs, D, K)``."""
-        return self.kernel.merge(self.alpha[:, None, :, None] / self.kernel_norm, rate)
-
-    def _padded_kernels(self, rate: float = 1.0) -> torch.Tensor:
-        """Sub-kernels zero-padded on the right to one length (Eq. 7): ``(N, dirs, D, K)``."""
-        kernels = self.kernel(rate)
-        length = max(k.shape[-1] for k in kernels)
-        return torch.stack([F.pad(k, (0, length - k.shape[-1])) for k in kernels])
+    def _train_form(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        if self.combine == "sum" and self.norm_type == "batch":
+            return batch_norm_conv(x, self.kernel, self.norm, self.alpha, self.bidirectional, rate)
+        kernel = self._train_kernel(rate)
+        return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
 
     @torch.no_grad()
     def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,17 +166,10 @@ class MRConv(nn.Module):
         if self.deploy:
             return self.weight.detach().clone(), self.bias.detach().clone()
         dtype = next(self.parameters()).dtype
-        if self.norm_type == "scale":
-            kernel = self._scaled_kernel().double()
-            bias = kernel.new_zeros(self.dim)
-        elif self.combine == "sum":
-            kernels = [k.double() for k in self.kernel()]
-            scale, shift = (t.double() for t in self.norm.fold())
-            alpha = self.alpha.double()
-            kernel = merge_kernels(kernels, (alpha * scale)[:, None, :, None])
-            bias = (alpha * shift).sum(0)
+        if self.combine == "sum" and self.norm_type == "batch":
+            kernel, bias = merged_batch_norm_kernel(self.kernel, self.norm, self.alpha)
         else:
-            kernel = self._concat_kernel().double()
+            kernel = self._train_kernel().double()
             bias = kernel.new_zeros(self.dim)
         if not self.bidirectional:
             kernel = kernel[0]
@@ -266,14 +188,12 @@ class MRConv(nn.Module):
         self.weight = nn.Parameter(kernel)
         self.bias = nn.Parameter(bias)
         self.deploy = True
-        self._spectrum_cache.clear()
+        self._deploy_cache.clear()
 
     # ----------------------------------------------------------------------------- forward
-    def train(self, mode: bool = True) -> MRConv:
-        """As ``nn.Module.train``; switching to eval frees the storage kept for the training step's branches."""
-        if not mode:
-            self._branch_workspace.release()
-        return super().train(mode)
+    def _apply(self, fn, recurse=True):
+        self._deploy_cache.clear()  # moved or cast: the cached kernels are rebuilt on the new device and dtype
+        return super()._apply(fn, recurse)
 
     def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
         if x.ndim != rank:
@@ -289,130 +209,14 @@ class MRConv(nn.Module):
         return self._forward_seq(x, rate)
 
     def _forward_seq(self, x: torch.Tensor, rate: float) -> torch.Tensor:
-        if self.deploy:
-            if rate != 1:
-                raise ValueError(
-                    "a reparameterized MRConv is fixed to its training sampling rate; "
-                    "resample (rate != 1) before calling reparameterize()"
-                )
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
-                return self._forward_deploy_autograd(x)
-            return self._forward_cached(x)
-        if self.combine == "concat":
-            kernel = self._concat_kernel(rate)
-            return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
-        if self.norm_type == "scale":
-            kernel = self._scaled_kernel(rate)
-            return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
-        return self._forward_branches(x, rate)
-
-    def _forward_deploy_autograd(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
-        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
-        seq_len = x.shape[-1]
-        n = fft_length(seq_len, self.deploy_kernel_len, self.bidirectional)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            buffer = kernel_buffer(self.weight.to(compute_dtype), seq_len, n, self.bidirectional)
-            y = conv_buffer(x.to(compute_dtype), buffer, self.bias.to(compute_dtype))
-        return y.to(out_dtype)
-
-    def _forward_cached(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference with the deploy kernel's spectrum (or Toeplitz matrix) cached per length/device/dtype.
-
-        The cache is keyed on the weight's version counter and storage, so in-place updates,
-        ``load_state_dict`` and moves invalidate it; the bias rides in the FFT's DC bin. Under
-        ``torch.compile`` the kernel is computed in the graph instead (a Python-side cache would
-        invalidate the compiled guards on every call).
-        """
-        out_dtype = x.dtype
-        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
-        seq_len = x.shape[-1]
-        direct = seq_len <= _TOEPLITZ_MAX_LEN
-        n = fft_length(seq_len, self.deploy_kernel_len, self.bidirectional)
-        key = (seq_len, direct, x.device, compute_dtype)
-        # inference tensors (built under torch.inference_mode) have no version counter: never cached
-        cacheable = not (torch.compiler.is_compiling() or self.weight.is_inference() or self.bias.is_inference())
-        version = (
-            (self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
-            if cacheable
-            else None
-        )
-        cached = self._spectrum_cache.get(key) if cacheable else None
-        if cached is None or cached[0] != version:
-            weight = self.weight.detach().to(compute_dtype)
-            if direct:
-                kernel = toeplitz_kernel(weight, seq_len, self.bidirectional)
-            else:
-                kernel = kernel_spectrum(weight, seq_len, n, self.bidirectional)
-            if len(self._spectrum_cache) >= _CACHE_SIZE:
-                self._spectrum_cache.clear()
-            cached = (version, kernel)
-            if cacheable:
-                self._spectrum_cache[key] = cached
-        kernel = cached[1]
-        bias = self.bias.detach().to(compute_dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            u = x.to(compute_dtype)
-            if direct:
-                # baddbmm over (D, B, L) needs unit-stride rows: with channels-last input it falls back to one matmul per channel
-                rows = u if u.stride(-1) == 1 else u.contiguous()
-                y = torch.baddbmm(bias[:, None, None], rows.transpose(0, 1), kernel).transpose(0, 1)
-            else:
-                y = fft_conv_spectrum(u, kernel, n, bias)
-        return y.to(out_dtype)
-
-    def _forward_branches(self, x: torch.Tensor, rate: float) -> torch.Tensor:
-        """Eq. 12: fused training step (:func:`branch_bn_conv`), or one merged convolution in eval mode."""
-        out_dtype = x.dtype
-        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
-        seq_len = x.shape[-1]
-        norm = self.norm
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            gamma, beta, alpha = (t.to(compute_dtype) for t in (norm.weight, norm.bias, self.alpha))
-            u = x.to(compute_dtype)
-            if norm.training:
-                norm.num_batches_tracked.add_(1)
-                factor = norm.momentum if norm.momentum is not None else 1.0 / int(norm.num_batches_tracked)
-                kernels = [(k if self.bidirectional else k[0]).to(compute_dtype) for k in self.kernel(rate)]
-                n = fft_length(seq_len, kernels[-1].shape[-1], self.bidirectional)
-                buffers = kernel_buffers(kernels, seq_len, n, self.bidirectional)  # (N, D, n)
-                y = branch_bn_conv(
-                    u,
-                    buffers,
-                    gamma,
-                    beta,
-                    alpha,
-                    norm.running_mean,
-                    norm.running_var,
-                    factor,
-                    norm.eps,
-                    None if torch.compiler.is_compiling() else self._branch_workspace,  # Python-side state
-                )
-            else:  # running statistics: Eq. 13 on the fly, one convolution
-                scale = alpha * gamma * torch.rsqrt(norm.running_var.to(compute_dtype) + norm.eps)
-                bias = (alpha * beta - scale * norm.running_mean.to(compute_dtype)).sum(0)
-                merged = self.kernel.merge(scale[:, None, :, None].to(self.alpha.dtype), rate).to(compute_dtype)
-                merged = merged if self.bidirectional else merged[0]
-                n = fft_length(seq_len, merged.shape[-1], self.bidirectional)
-                y = conv_buffer(u, kernel_buffer(merged, seq_len, n, self.bidirectional), bias)
-        return y.to(out_dtype)
-
-    def _forward_branches_reference(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
-        """Plain autograd Eq. 12 (branch outputs, ``BranchBatchNorm``, alpha): the tests' reference path."""
-        out_dtype = x.dtype
-        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
-        seq_len = x.shape[-1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            kernels = self._padded_kernels(rate).to(compute_dtype)
-            if not self.bidirectional:
-                kernels = kernels[:, 0]
-            n = fft_length(seq_len, kernels.shape[-1], self.bidirectional)
-            k_f = kernel_spectrum(kernels, seq_len, n, self.bidirectional)  # (N, D, F)
-            u_f = torch.fft.rfft(x.to(compute_dtype), n=n)  # (B, D, F)
-            branches = torch.fft.irfft(u_f.unsqueeze(1) * k_f, n=n)[..., :seq_len]  # (B, N, D, L)
-            normed = self.norm(branches)
-            y = torch.einsum("bndl,nd->bdl", normed, self.alpha.to(compute_dtype))
-        return y.to(out_dtype)
+        if not self.deploy:
+            return self._train_form(x, rate)
+        if rate != 1:
+            raise ValueError(
+                "a reparameterized MRConv is fixed to its training sampling rate; "
+                "resample (rate != 1) before calling reparameterize()"
+            )
+        return deploy_conv(x, self.weight, self.bias, self.bidirectional, self._deploy_cache)
 
     def extra_repr(self) -> str:
         return (

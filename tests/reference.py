@@ -52,3 +52,41 @@ def randomize_(layer) -> None:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def branch_bn_autograd(layer, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+    """Eq. 12 with plain autograd in ``x``'s dtype: all branches ``c_i = k_i * u`` at once by zero-padded
+    FFTs (power-of-two length, no wrap-around), ``F.batch_norm`` over them with the layer's statistics
+    (in training: batch statistics, running averages updated in place), then ``sum_i alpha_i BN_i(c_i)``.
+
+    The reference for the fused training step and its gradients (and the benchmark's plain-autograd
+    layer); the sub-kernels come from ``layer.kernel(rate)``, which the oracle tests check separately.
+    """
+    norm = layer.norm
+    batch, dim, seq_len = x.shape
+    kernels = layer.kernel(rate)
+    taps = max(k.shape[-1] for k in kernels)
+    n = 1 << (seq_len + taps - 1).bit_length()  # >= L + K: positive lags end before the anti-causal block
+    buffers = []
+    for k in kernels:
+        k, gap = k.to(x.dtype), n - k.shape[-1]
+        buffer = F.pad(k[0], (0, gap))  # lag j at position j
+        if layer.bidirectional:  # lag -(j + 1) at position n - 1 - j
+            buffer = buffer + F.pad(k[1].flip(-1), (gap, 0))
+        buffers.append(buffer)
+    spectra = torch.fft.rfft(x, n=n).unsqueeze(1) * torch.fft.rfft(torch.stack(buffers), n=n)  # (B, N, D, F)
+    branches = torch.fft.irfft(spectra, n=n)[..., :seq_len]
+    if norm.training:
+        norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / int(norm.num_batches_tracked)
+    normed = F.batch_norm(
+        branches.reshape(batch, -1, seq_len),
+        norm.running_mean.view(-1),
+        norm.running_var.view(-1),
+        norm.weight.reshape(-1).to(x.dtype),
+        norm.bias.reshape(-1).to(x.dtype),
+        training=norm.training,
+        momentum=momentum,
+        eps=norm.eps,
+    )
+    return torch.einsum("bndl,nd->bdl", normed.view_as(branches), layer.alpha.to(x.dtype))

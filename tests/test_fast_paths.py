@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from mrconvnext import MRConv, MRConv2d
-from mrconvnext._mrconv_autograd import branch_bn_conv, channel_chunk, conv_buffer
-from mrconvnext.fft_conv import fft_conv, fft_conv_spectrum, fft_length, kernel_spectrum, toeplitz_kernel
+from mrconvnext.branch_norm import branch_bn_conv
+from mrconvnext.fft_conv import (
+    channel_chunk,
+    conv_buffer,
+    fft_conv,
+    fft_conv_spectrum,
+    fft_length,
+    kernel_spectrum,
+    toeplitz_kernel,
+)
 
-from .reference import direct_conv, randomize_, rel_err
+from .reference import branch_bn_autograd, direct_conv, randomize_, rel_err
 
 SEQ_LEN = 96
 KERNEL_SIZE = 6
@@ -39,7 +47,7 @@ def test_fused_train_step_matches_reference(kernel_type, bidirectional, momentum
         x_ref = x.detach().clone().requires_grad_()
         weight = torch.randn(3, 5, seq_len, dtype=torch.float64)
         y = fast(x)
-        y_ref = ref._forward_branches_reference(x_ref, 1.0)
+        y_ref = branch_bn_autograd(ref, x_ref)
         assert rel_err(y, y_ref) < 1e-10
         (y * weight).sum().backward()
         (y_ref * weight).sum().backward()
@@ -55,7 +63,7 @@ def test_fused_train_step_float32_and_no_grad():
     fast, ref = fast.float(), ref.float()
     x = torch.randn(4, 5, SEQ_LEN)
     with torch.no_grad():
-        assert rel_err(fast(x), ref._forward_branches_reference(x)) < 1e-5
+        assert rel_err(fast(x), branch_bn_autograd(ref, x)) < 1e-5
     torch.testing.assert_close(fast.norm.running_var, ref.norm.running_var)
     with pytest.raises(ValueError, match="more than 1 value"):
         fast(torch.randn(1, 5, 1))
@@ -68,24 +76,24 @@ def test_branch_storage_reused_only_when_no_graph_holds_it():
     xs = [torch.randn(3, 5, SEQ_LEN, dtype=torch.float64) * 2 + 0.5 for _ in range(3)]
     weights = [torch.randn(3, 5, SEQ_LEN, dtype=torch.float64) for _ in range(3)]
     (fast(xs[0]) * weights[0]).sum().backward()
-    first = fast._branch_workspace.storage
+    first = fast.norm.workspace.storage
     assert first is not None
     # two graphs alive at once: the second forward must not overwrite the first one's branches
     losses = [(fast(x) * w).sum() for x, w in zip(xs[1:], weights[1:], strict=True)]
-    assert fast._branch_workspace.storage.data_ptr() != first.data_ptr()
+    assert fast.norm.workspace.storage.data_ptr() != first.data_ptr()
     sum(losses).backward()
     for x, w in zip(xs, weights, strict=True):
-        (ref._forward_branches_reference(x, 1.0) * w).sum().backward()
+        (branch_bn_autograd(ref, x) * w).sum().backward()
     for g, g_ref in zip(grads(fast, xs[0]), grads(ref, xs[0]), strict=True):
         if g is not None:  # the inputs do not require grad here
             assert rel_err(g, g_ref) < 1e-9
     # after backward the storage is free again: the next step reuses it
-    held = fast._branch_workspace.storage
+    held = fast.norm.workspace.storage
     (fast(xs[0]) * weights[0]).sum().backward()
-    assert fast._branch_workspace.storage.data_ptr() == held.data_ptr()
-    assert copy.deepcopy(fast)._branch_workspace.storage is None
+    assert fast.norm.workspace.storage.data_ptr() == held.data_ptr()
+    assert copy.deepcopy(fast).norm.workspace.storage is None
     fast.eval()
-    assert fast._branch_workspace.storage is None
+    assert fast.norm.workspace.storage is None
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])
@@ -98,7 +106,7 @@ def test_fused_train_step_float32_with_offset_inputs(offset):
     x = torch.randn(4, 5, SEQ_LEN, dtype=torch.float64) * 0.1 + offset
     x_fast, x_ref = x.float().requires_grad_(), x.clone().requires_grad_()
     weight = torch.randn(4, 5, SEQ_LEN, dtype=torch.float64)
-    y, y_ref = fast(x_fast), ref._forward_branches_reference(x_ref, 1.0)
+    y, y_ref = fast(x_fast), branch_bn_autograd(ref, x_ref)
     assert rel_err(y.double(), y_ref) < 2e-5
     (y.double() * weight).sum().backward()
     (y_ref * weight).sum().backward()
@@ -114,7 +122,7 @@ def test_eval_train_form_merges_branches_exactly(bidirectional):
     fast.eval(), ref.eval()
     x = torch.randn(2, 5, 80, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = fast(x), ref._forward_branches_reference(x_ref)
+    y, y_ref = fast(x), branch_bn_autograd(ref, x_ref)
     assert rel_err(y, y_ref) < 1e-10
     y.pow(2).sum().backward()
     y_ref.pow(2).sum().backward()
@@ -323,8 +331,7 @@ def test_fused_functions_pass_gradcheck():
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda u, k, b: conv_buffer(u, k[0], b), (u, kb, bias))
     gamma, beta, alpha = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    stats = (torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda *args: branch_bn_conv(*args, *stats, 0.1, 1e-5), (u, kb, gamma, beta, alpha))
+    assert torch.autograd.gradcheck(lambda *args: branch_bn_conv(*args, 1e-5)[0], (u, kb, gamma, beta, alpha))
 
 
 def test_deploy_layer_built_in_inference_mode_is_not_cached():
@@ -337,7 +344,7 @@ def test_deploy_layer_built_in_inference_mode_is_not_cached():
         y = layer(x)
         layer.weight.mul_(2.0)
         assert rel_err(layer(x), 2 * y - layer.bias[:, None]) < 1e-5
-        assert not layer._spectrum_cache
+        assert not layer._deploy_cache
 
 
 @pytest.mark.parametrize("form", ["deploy", "batch", "scale"])

@@ -159,7 +159,7 @@ def test_concat_norm_buffer_has_fixed_shape_and_loads_into_fresh_layer():
 def test_concat_kernel_has_unit_norm_at_construction_and_decays():
     torch.manual_seed(0)
     layer = MRConv(4, 256, 8, kernel_type="dilated", combine="concat", decay=0.5)
-    kernel = layer._concat_kernel()
+    kernel = layer.merged_kernel()[0]
     torch.testing.assert_close(kernel.norm(dim=-1), torch.ones(2, 4))
     assert kernel.shape[-1] == 256
 

@@ -1,18 +1,13 @@
-"""Channel-chunked FFT convolutions with hand-written backward passes (MRConv paper, Sections 3.2, 3.4).
+"""Per-resolution BatchNorm of the train form, Eq. 12 (MRConv paper, Sections 3.2, 3.4).
 
-Notation: ``u`` is the input ``(B, D, L)``, ``kb`` circular kernel buffers of length ``n``
-(:func:`~mrconvnext.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K = rfft(kb)``.
+:class:`BranchBatchNorm` holds the ``N`` BatchNorms' parameters and running statistics, updates
+the statistics after a training step and folds them into a per-branch affine map for the deploy
+form (Eq. 18). :func:`branch_bn_conv` is the fused training step, with its notation ``u`` the input
+``(B, D, L)``, ``kb`` circular kernel buffers of length ``n``
+(:func:`~mrconvnext.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K_i = rfft(kb_i)``.
 
-Every op here is independent per channel, so both functions walk over blocks of channels whose
-spectra fit in the L2 cache: the elementwise products, reductions and FFTs of one block then
-run from cache instead of streaming full ``(B, D, n)`` tensors through memory between calls.
-
-``conv_buffer``: ``y = irfft(U K)[:L] + b``; backward ``du = irfft(DY conj(K))[:L]``,
-``dkb = irfft(sum_b conj(U_b) DY_b)``: one FFT of ``dy``, one inverse, one small inverse.
-
-``branch_bn_conv`` (train-form Eq. 12 with exact BatchNorm): branch outputs
-``c_i = irfft(U K_i)[:L]`` and batch statistics ``mu_i, sigma_i`` over ``(B, L)`` make the
-layer affine in the centred branch outputs::
+Branch outputs ``c_i = irfft(U K_i)[:L]`` and batch statistics ``mu_i, sigma_i`` over ``(B, L)``
+make the layer affine in the centred branch outputs::
 
     y = sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i,   s_i = alpha_i gamma_i / sigma_i
 
@@ -28,7 +23,8 @@ hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy`
 ``rfft`` of the saved centred ``c_i``, one ``rfft`` recomputing ``U`` (saving ``u`` instead of
 its spectrum halves that memory) and one ``irfft``. The reductions over the batch (``m_i`` by
 Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
-and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor.
+and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor. As in
+:func:`~mrconvnext.fft_conv.conv_buffer`, the loops run over cache-sized blocks of channels.
 """
 
 from __future__ import annotations
@@ -36,44 +32,11 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn as nn
 
-__all__ = ["BranchWorkspace", "branch_bn_conv", "conv_buffer", "channel_chunk"]
+from .fft_conv import PaddedRfft, channel_chunk
 
-_CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
-_CACHE_LINE_BYTES = 64
-
-
-def channel_chunk(x: torch.Tensor, n: int) -> int:
-    """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values take about ``_CHUNK_BYTES``.
-
-    With channels adjacent in memory (a channels-last map flattened by ``MRConv2d``) a block
-    spans at least one cache line of channels, or every block would pull in whole lines to use
-    a few values of each. On the CPU only: a GPU wants the whole tensor in one launch.
-    """
-    batch, dim = x.shape[0], x.shape[1]
-    if x.device.type != "cpu":
-        return dim
-    chunk = _CHUNK_BYTES // max(1, batch * n * x.element_size())
-    if x.stride(1) == 1 and dim > 1:
-        chunk = max(chunk, _CACHE_LINE_BYTES // x.element_size())
-    return max(1, min(dim, chunk))
-
-
-class _PaddedRfft:
-    """``rfft(x, n)`` of channel blocks through one zero-padded staging buffer.
-
-    ``torch.fft.rfft(x, n=n)`` allocates, zero-fills and copies a padded tensor per call; here
-    the padding is written once and only the ``L`` taps of each block are copied in.
-    """
-
-    def __init__(self, like: torch.Tensor, batch: int, step: int, n: int) -> None:
-        self.buffer = like.new_zeros(batch, step, n)
-        self.n = n
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.buffer[:, : x.shape[1]]
-        rows[..., : x.shape[-1]].copy_(x)
-        return torch.fft.rfft(rows, n=self.n)
+__all__ = ["BranchBatchNorm", "BranchWorkspace", "branch_bn_conv"]
 
 
 def _parseval_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -91,11 +54,12 @@ class BranchWorkspace:
     The saved branches are ``N`` times the activation (96 MB for a stage-1 MRConvNeXt-T layer at
     batch 16). Fresh, they cost a page fault per 4 KB on every step, and glibc's allocator, which
     maps allocations that large anew each time, ends up returning more of the heap to the system
-    between ops, so the model's other ops fault more too (BENCHMARKS.md rows 20-21). The storage is
-    reused only once no autograd graph holds it (its only reference is this workspace), so
-    gradient accumulation, ``retain_graph`` or two forwards before one backward get new storage.
-    Storage is per thread (``nn.DataParallel`` replicas share the layer object); copies and pickles
-    of the layer start empty; :meth:`release` frees it (``MRConv.eval()`` does).
+    between ops, so the model's other ops fault more too (measured on the CPU; other devices have
+    caching allocators and get no workspace). The storage is reused only once no autograd graph
+    holds it (its only reference is this workspace), so gradient accumulation, ``retain_graph`` or
+    two forwards before one backward get new storage. Storage is per thread (``nn.DataParallel``
+    replicas share the layer object); copies and pickles of the layer start empty; :meth:`release`
+    frees it (``BranchBatchNorm.eval()`` and moves do).
     """
 
     def __init__(self) -> None:
@@ -130,50 +94,9 @@ class BranchWorkspace:
         self._local = threading.local()
 
 
-class _ConvBuffer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, kb, bias):
-        batch, dim, seq_len = u.shape
-        n = kb.shape[-1]
-        k_f = torch.fft.rfft(kb, n=n)
-        u_f = u.new_empty(batch, dim, n // 2 + 1, dtype=k_f.dtype)
-        y = u.new_empty(batch, dim, seq_len)
-        step = channel_chunk(u, n)
-        rfft = _PaddedRfft(u, batch, step, n)
-        for start in range(0, dim, step):
-            block = slice(start, start + step)
-            u_f[:, block] = block_f = rfft(u[:, block])
-            y_f = block_f * k_f[block]
-            if bias is not None:
-                y_f[..., 0] += bias[block] * n
-            y[:, block] = torch.fft.irfft(y_f, n=n)[..., :seq_len]
-        ctx.save_for_backward(u_f, k_f)
-        ctx.n, ctx.seq_len, ctx.has_bias = n, seq_len, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        u_f, k_f = ctx.saved_tensors
-        n, seq_len = ctx.n, ctx.seq_len
-        batch, dim, _ = u_f.shape
-        grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
-        grad_kb_f = torch.empty_like(k_f)
-        step = channel_chunk(grad_y, n)
-        rfft = _PaddedRfft(grad_y, batch, step, n)
-        for start in range(0, dim, step):
-            block = slice(start, start + step)
-            dy_f = rfft(grad_y[:, block])
-            grad_kb_f[block] = (u_f[:, block].conj_physical() * dy_f).sum(0)
-            if grad_u is not None:
-                grad_u[:, block] = torch.fft.irfft(dy_f.mul_(k_f[block].conj_physical()), n=n)[..., :seq_len]
-        grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_y.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_u, grad_kb, grad_bias
-
-
 class _BranchBatchNormConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps, workspace):
+    def forward(ctx, u, kb, gamma, beta, alpha, eps, workspace):
         batch, dim, seq_len = u.shape
         num_branches, n = kb.shape[0], kb.shape[-1]
         count = batch * seq_len
@@ -189,7 +112,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         var = u.new_empty(num_branches, dim)
         y = u.new_empty(batch, dim, seq_len)
         step = channel_chunk(u, n)
-        rfft = _PaddedRfft(u, batch, step, n)
+        rfft = PaddedRfft(u, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
             block_f = rfft(u[:, block])
@@ -204,16 +127,14 @@ class _BranchBatchNormConv(torch.autograd.Function):
             for i in range(1, num_branches):
                 out.addcmul_(branches[i, :, block], scale[i, :, None])
             y[:, block] = out
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+        ctx.mark_non_differentiable(mean, var)
         # u, not its spectrum (twice the memory): the backward recomputes one rfft per block
         ctx.save_for_backward(u, k_f, branches, var, gamma, beta, alpha)
         ctx.n, ctx.seq_len, ctx.eps = n, seq_len, eps
-        return y
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_mean, grad_var):
         u, k_f, branches, var, gamma, beta, alpha = ctx.saved_tensors
         n, seq_len = ctx.n, ctx.seq_len
         num_branches, batch, dim, _ = branches.shape
@@ -227,7 +148,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
         grad_u = grad_y.new_empty(batch, dim, seq_len) if ctx.needs_input_grad[0] else None
         grad_kb_f = torch.empty_like(k_f)
         step = channel_chunk(grad_y, n)
-        rfft = _PaddedRfft(grad_y, batch, step, n)
+        rfft = PaddedRfft(grad_y, batch, step, n)
         for start in range(0, dim, step):
             block = slice(start, start + step)
             dy_f = rfft(grad_y[:, block])  # (B, c, F)
@@ -248,16 +169,7 @@ class _BranchBatchNormConv(torch.autograd.Function):
             if grad_u is not None:
                 grad_u[:, block] = torch.fft.irfft(grad_u_f, n=n)[..., :seq_len]
         grad_kb = torch.fft.irfft(grad_kb_f, n=n) if ctx.needs_input_grad[1] else None
-        return grad_u, grad_kb, alpha * dot_hat, alpha * sum_dy, gamma * dot_hat + beta * sum_dy, *[None] * 5
-
-
-def conv_buffer(u: torch.Tensor, kb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise convolution of ``u`` ``(B, D, L)`` with circular kernel buffers ``kb`` ``(D, n)``, plus ``bias``.
-
-    ``n`` must be large enough that wrap-around does not reach ``[0, L)`` (see ``fft_length``).
-    The bias rides in the DC bin (``n * b``), which saves a pass over the output.
-    """
-    return _ConvBuffer.apply(u, kb, bias)
+        return grad_u, grad_kb, alpha * dot_hat, alpha * sum_dy, gamma * dot_hat + beta * sum_dy, None, None
 
 
 def branch_bn_conv(
@@ -266,17 +178,64 @@ def branch_bn_conv(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     alpha: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    factor: float,
     eps: float,
     workspace: BranchWorkspace | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode Eq. 12: ``sum_i alpha_i BN_i(kb_i * u)`` with batch statistics.
 
     ``u``: ``(B, D, L)``; ``kb``: circular kernel buffers ``(N, D, n)``; ``gamma, beta, alpha``:
-    ``(N, D)``. ``running_mean`` / ``running_var`` ``(N, D)`` are updated in place with
-    momentum ``factor`` (unbiased variance, as ``F.batch_norm``). ``workspace`` lends the storage
-    for the saved branch outputs (see :class:`BranchWorkspace`). Returns ``(B, D, L)``.
+    ``(N, D)``. ``workspace`` lends the storage for the saved branch outputs (see
+    :class:`BranchWorkspace`). Returns ``y`` ``(B, D, L)`` and the branches' batch mean and biased
+    variance ``(N, D)`` (constants for autograd) for :meth:`BranchBatchNorm.update_running_stats`.
     """
-    return _BranchBatchNormConv.apply(u, kb, gamma, beta, alpha, running_mean, running_var, factor, eps, workspace)
+    return _BranchBatchNormConv.apply(u, kb, gamma, beta, alpha, eps, workspace)
+
+
+class BranchBatchNorm(nn.Module):
+    """``N`` independent BatchNorms over ``D`` channels, one per resolution, stored stacked as ``(N, D)``.
+
+    Holds the parameters and running statistics that :func:`branch_bn_conv` uses in training and
+    :meth:`fold` turns into the deploy form's affine map. On the CPU it also keeps the workspace of
+    the fused step's saved branches (:class:`BranchWorkspace`); elsewhere each step allocates anew.
+    """
+
+    def __init__(self, num_branches: int, dim: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.num_branches = num_branches
+        self.dim = dim
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_branches, dim))
+        self.bias = nn.Parameter(torch.zeros(num_branches, dim))
+        self.register_buffer("running_mean", torch.zeros(num_branches, dim))
+        self.register_buffer("running_var", torch.ones(num_branches, dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.workspace = BranchWorkspace()
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """As ``nn.BatchNorm`` after one batch of ``count`` values per channel: running averages of the
+        batch ``mean`` and unbiased variance (``var`` is biased) with ``momentum``, or cumulative ones
+        for ``momentum=None``."""
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-branch ``(scale, shift)`` of the eval-mode affine map, Eq. 18."""
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def train(self, mode: bool = True) -> BranchBatchNorm:
+        """As ``nn.Module.train``; switching to eval frees the workspace of the training step's branches."""
+        if not mode:
+            self.workspace.release()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.workspace.release()  # moved or cast: the held storage no longer matches
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"num_branches={self.num_branches}, dim={self.dim}, eps={self.eps}, momentum={self.momentum}"

@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-slow demo selfcheck lint format benchmark clean
+.PHONY: test test-slow demo selfcheck lint format benchmark gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ selfcheck: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/benchmark.py
+
+# on a machine with a CUDA device: the layer's equivalence tests on CUDA, then the benchmark on CUDA
+gpu-check: $(VENV)/.installed
+	@$(PY) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'make gpu-check needs a CUDA device: torch.cuda.is_available() is False')"
+	$(PY) -m pytest -q -rs tests/test_devices.py
+	$(PY) benchmarks/benchmark.py --device cuda
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

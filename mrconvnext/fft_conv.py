@@ -40,6 +40,7 @@ __all__ = [
     "fft_conv",
     "fft_length",
     "full_precision",
+    "no_autocast",
     "kernel_buffer",
     "kernel_buffers",
     "kernel_spectrum",
@@ -56,22 +57,21 @@ _CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about 
 _CACHE_LINE_BYTES = 64
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device``; nothing to switch off where it has none (``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def full_precision(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` computed in float32 for half-precision ``x`` and with autocast off; returned in ``x``'s dtype.
 
     ``fn`` gets ``x`` in the compute dtype and casts its other operands to it. FFTs are never run
     in half precision: cuFFT's only takes power-of-two sizes and long sums lose accuracy.
     """
-    compute_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
-    device_type = x.device.type
-    # devices without autocast (``meta``) have nothing to switch off
-    no_autocast = (
-        torch.autocast(device_type=device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
-        return fn(x.to(compute_dtype)).to(x.dtype)
+    with no_autocast(x.device):
+        return fn(x.to(torch.float32 if x.dtype in _HALF_DTYPES else x.dtype)).to(x.dtype)
 
 
 def next_fast_length(n: int) -> int:

@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .fft_conv import no_autocast
+
 __all__ = [
     "KERNEL_TYPES",
     "SubKernels",
@@ -206,7 +208,7 @@ class FourierKernel(SubKernels):
             if len(self._bases) >= _BASES_CACHE_SIZE:
                 self._bases.clear()
             bases = self._bases[key] = _fourier_bases(plan, self.num_modes, float(rate), *key[2:])
-        with torch.autocast(device_type=self.modes.device.type, enabled=False):
+        with no_autocast(self.modes.device):
             scaled = (weights * self.modes).movedim(0, -2)  # (dirs, D, N, 2 * modes)
             segments = [scaled[..., first:, :].flatten(-2) @ basis for first, basis in bases]
         return torch.cat(segments, dim=-1) if len(segments) > 1 else segments[0]

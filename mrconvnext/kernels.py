@@ -217,6 +217,9 @@ class FourierKernel(SubKernels):
         self._bases.clear()  # moved or cast: rebuilt on the new device and dtype
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_bases": {}}  # copies and pickles start without the cache
+
 
 def _fourier_bases(
     plan: tuple[tuple[int, int, int], ...], num_modes: int, rate: float, device: torch.device, dtype: torch.dtype

@@ -195,6 +195,9 @@ class MRConv(nn.Module):
         self._deploy_cache.clear()  # moved or cast: the cached kernels are rebuilt on the new device and dtype
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_deploy_cache": {}}  # copies and pickles start without the cache
+
     def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ValueError(f"{type(self).__name__} expects input of shape {layout}, got shape {tuple(x.shape)}")

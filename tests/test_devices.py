@@ -198,9 +198,11 @@ def test_caches_are_per_layer_and_follow_to():
         assert not first.kernel._bases
         first(x.double())
         assert {b.dtype for bases in first.kernel._bases.values() for _, b in bases} == {torch.float64}
+        assert not copy.deepcopy(first).kernel._bases and first.kernel._bases
         first.reparameterize()
         first(x.double())
         assert first._deploy_cache
+        assert not copy.deepcopy(first)._deploy_cache and first._deploy_cache
         first.float()
         assert not first._deploy_cache
 

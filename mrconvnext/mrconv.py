@@ -212,6 +212,7 @@ class MRConv(nn.Module):
         return self._forward_seq(x, rate)
 
     def _forward_seq(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        """The one dispatch between the forms, for ``(B, dim, L)``."""
         if not self.deploy:
             return self._train_form(x, rate)
         if rate != 1:

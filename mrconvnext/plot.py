@@ -182,8 +182,8 @@ def _plot_kernels_2d(model: MRConvNeXt, title: str, path: Path, channels: int, s
             fig.colorbar(image, ax=ax, shrink=0.8)
         axes[row, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(
-        f"{title}: merged kernels on the feature map (row-major lags), weight of each input pixel for the centre "
-        "(+) pixel's output",
+        f"{title}: merged kernels folded onto the feature map (row-major lags)\n"
+        "weight each input pixel gets in the output of the centre (+) pixel",
         fontsize=10,
     )
     fig.savefig(path)

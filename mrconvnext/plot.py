@@ -290,14 +290,20 @@ def load_model(
     state_dict = load_state_dict(str(path))
     saved = {} if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     kwargs = dict(model_kwargs or {})
-    skeleton = timm.create_model(name, deploy=True, **kwargs)  # MRConv names and the classifier's
+    try:  # a deploy-form model gives the MRConv layers' and the classifier's names cheaply
+        skeleton = timm.create_model(name, deploy=True, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot build {name!r} with {kwargs}: expected an MRConvNeXt or MRConv sequence model") from e
     convs = [prefix for prefix, _ in _mrconv_layers(skeleton)]
+    if not convs:
+        raise ValueError(f"{name!r} has no MRConv layers to plot")
     deploy = all(f"{prefix}.weight" in state_dict for prefix in convs)
     classifier = skeleton.pretrained_cfg.get("classifier") or "head"
     head = state_dict.get(f"{classifier}.weight")
     kwargs.setdefault("num_classes", head.shape[0] if head is not None else 0)
     if isinstance(skeleton, MRConvNeXt):
-        kwargs.setdefault("img_size", img_size or (saved.get("img_size") if isinstance(saved, dict) else None) or 224)
+        saved_size = saved.get("img_size") if isinstance(saved, dict) else None
+        kwargs.setdefault("img_size", img_size or saved_size or skeleton.img_size)
     if not deploy and convs and f"{convs[0]}.alpha" in state_dict and f"{convs[0]}.norm.weight" not in state_dict:
         kwargs.setdefault("mrconv_kwargs", dict(norm="scale"))  # Eq. 9 form: alpha and kernel norms, no BatchNorm
     model = timm.create_model(name, deploy=deploy, **kwargs)

@@ -157,3 +157,10 @@ def test_channel_choice_is_reproducible(atto, tmp_path) -> None:
     assert first == second
     with pytest.raises(ValueError, match="only MRConvNeXt convolves 2D feature maps"):
         plot_model(timm.create_model("mrconv_listops_base", **SEQ_KWARGS), tmp_path / "c", kinds=("kernels_2d",))
+
+
+def test_a_model_without_mrconv_is_a_clear_error(checkpoints, tmp_path, capsys) -> None:
+    argv = ["--model", "convnext_atto", "--checkpoint", str(checkpoints["atto_train"]), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "expected an MRConvNeXt or MRConv sequence model" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 
 import train_imagenet
 import validate
@@ -118,3 +119,14 @@ def test_norm_benchmark_prints_the_table(data_dir, tmp_path) -> None:
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert all(0 <= v[0] <= 100 for v in results["top1"].values())
     assert results["step_time_ratio"][1] <= results["step_time_ratio"][0] <= results["step_time_ratio"][2]
+
+
+def test_digits_folder_as_the_readme_runs_it(tmp_path) -> None:
+    """``python benchmarks/digits_folder.py digits --size 32``: the real images the measurement trains on."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "digits_folder.py"), "digits", "--size", "32"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    counts = {split: len(list((tmp_path / "digits" / split).rglob("*.png"))) for split in ("train", "val")}
+    assert counts == {"train": 1347, "val": 450}
+    with Image.open(next((tmp_path / "digits" / "val" / "3").iterdir())) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"

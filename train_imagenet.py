@@ -100,6 +100,12 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--drop", type=float, default=0.0, help="head dropout")
     group.add_argument("--layer-scale-init-value", type=float, default=1e-6)
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
+    group.add_argument(
+        "--mrconv-norm",
+        choices=("batch", "scale"),
+        default="batch",
+        help="MRConv normalisation (MRConvNeXt): BatchNorm per resolution, or Eq. 9 rescaling (one conv per step)",
+    )
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--opt", default="adamw")
@@ -222,6 +228,8 @@ def preflight(args: argparse.Namespace) -> str | None:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"
         )
+    if args.mrconv_norm != "batch" and args.model not in timm.list_models(module="mrconvnext"):
+        raise PreflightError(f"--mrconv-norm {args.mrconv_norm} needs an MRConvNeXt model, got {args.model!r}")
     micro_batch = args.batch_size // args.grad_accum_steps
     if (args.mixup > 0 or args.cutmix > 0) and micro_batch % 2:
         raise PreflightError(f"mixup/cutmix need an even micro-batch, got {micro_batch} (batch size / accum steps)")
@@ -242,10 +250,10 @@ def preflight(args: argparse.Namespace) -> str | None:
     checkpoint = find_checkpoint(args.resume)
     with open(os.path.join(checkpoint, META_FILE)) as f:
         meta = json.load(f)
-    for key in ("model", "num_classes"):
-        if meta[key] != getattr(args, key):
+    for key, default in (("model", None), ("num_classes", None), ("mrconv_norm", "batch")):  # older runs: batch
+        if meta.get(key, default) != getattr(args, key):
             raise PreflightError(
-                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta[key]}, "
+                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta.get(key, default)}, "
                 f"this run has {getattr(args, key)}"
             )
     return checkpoint
@@ -305,11 +313,12 @@ def experiment_dir(args: argparse.Namespace) -> str:
 
 def create_model(args: argparse.Namespace) -> nn.Module:
     """``timm.create_model`` with the recipe's drop path and layer scale; MRConvNeXt models also get
-    ``img_size`` so their kernels are planned for the training sequence lengths."""
+    ``img_size`` so their kernels are planned for the training sequence lengths, and ``--mrconv-norm``."""
     kwargs = dict(args.model_kwargs)
     kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
     if args.model in timm.list_models(module="mrconvnext"):
         kwargs.setdefault("img_size", args.img_size)
+        kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "norm": args.mrconv_norm}
     return timm.create_model(
         args.model,
         num_classes=args.num_classes,
@@ -658,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "epoch": epoch + 1,
                 "num_classes": args.num_classes,
                 "img_size": args.img_size,
+                "mrconv_norm": args.mrconv_norm,
                 "metric": row.get("eval_top1"),
                 "state_dict": model_state,
             }
@@ -668,7 +678,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 atomic_torch_save(plain, os.path.join(run_dir, "model_best.pth"))
             metrics_log.append(row)
         accelerator.log({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1)
-        meta = {"model": args.model, "num_classes": args.num_classes, "img_size": args.img_size, "epoch": epoch + 1}
+        meta = {
+            "model": args.model,
+            "num_classes": args.num_classes,
+            "img_size": args.img_size,
+            "mrconv_norm": args.mrconv_norm,
+            "epoch": epoch + 1,
+        }
         saved = save_checkpoint(accelerator, run_dir, epoch + 1, meta, args.checkpoint_hist)
         summary = (
             f"epoch {epoch + 1}/{num_epochs}: train loss {row['train_loss']:.4f}, lr {row['lr']:.3e}, "

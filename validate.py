@@ -169,8 +169,8 @@ def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def checkpoint_metadata(path: str) -> dict:
-    """``num_classes`` / ``img_size`` a training run saved with its weights: top-level keys (this project's
-    training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
+    """``num_classes`` / ``img_size`` / ``mrconv_norm`` a training run saved with its weights: top-level keys (this
+    project's training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -184,7 +184,10 @@ def checkpoint_metadata(path: str) -> dict:
         return {}
     saved = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else {}
     saved = {**saved, **checkpoint}
-    return {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
+    meta = {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
+    if isinstance(saved.get("mrconv_norm"), str):
+        meta["mrconv_norm"] = saved["mrconv_norm"]
+    return meta
 
 
 def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained: bool) -> tuple[nn.Module, dict]:
@@ -194,8 +197,9 @@ def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained
     ``num_classes``: ``--num-classes``, else the checkpoint's saved value, else the model default. An MRConvNeXt
     is built for one input size (its MRConv kernels are planned for each stage's ``H * W``): ``img_size`` comes
     from ``--model-kwargs``, else the checkpoint's saved training size, else ``--img-size``; ``--img-size`` always
-    sets the evaluation resolution. Checkpoints of MRConvNeXt go through its ``checkpoint_filter_fn``
-    (training-script layouts, train-form weights folded into a ``deploy=True`` model, clear mismatch errors).
+    sets the evaluation resolution; the MRConv ``norm`` is the checkpoint's saved ``mrconv_norm``. Checkpoints of
+    MRConvNeXt go through its ``checkpoint_filter_fn`` (training-script layouts, train-form weights folded into a
+    ``deploy=True`` model, clear mismatch errors).
     """
     meta = checkpoint_metadata(checkpoint) if checkpoint else {}
     model_kwargs = dict(args.model_kwargs)
@@ -204,6 +208,8 @@ def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained
         requested = args.input_size[1:] if args.input_size else args.img_size
         if meta.get("img_size") or requested:
             model_kwargs["img_size"] = meta.get("img_size") or requested
+    if is_mrconvnext and "mrconv_norm" in meta:  # the train form of norm='scale' has other parameters
+        model_kwargs["mrconv_kwargs"] = {"norm": meta["mrconv_norm"], **model_kwargs.get("mrconv_kwargs", {})}
     try:
         model = create_model(
             **resolve_model_input_args(

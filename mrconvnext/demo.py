@@ -10,6 +10,8 @@
 3. Runs ``validate.py`` on the trained checkpoint twice: the train form (multi-resolution branches with
    BatchNorm) and the reparameterized deploy form (one kernel per layer, Section 3.3), and prints both
    accuracies, throughputs and their difference.
+4. Writes the trained model's plots with ``python -m mrconvnext.plot`` into ``demo_output/plots/``: resolution
+   shares per layer, merged kernels per stage over their lags and on the feature map, their spectra.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     diff = abs(results["train form"]["top1"] - results["deploy form"]["top1"])
     print(f"top-1 difference train vs deploy: {diff:.2f} points; chance is {100 / len(SHAPES):.0f}%")
+    plot_cmd = [sys.executable, "-m", "mrconvnext.plot", "--model", args.model]
+    plot_cmd += ["--checkpoint", str(run_dir / "model_best.pth"), "--out", str(Path(args.output) / "plots")]
+    _run(plot_cmd)
     print(f"training took {train_s:.0f} s, the whole demo {time.perf_counter() - start:.0f} s")
     if diff > 0.5:
         raise SystemExit(f"train and deploy forms disagree: top-1 differs by {diff:.2f} points")

@@ -47,6 +47,14 @@ def _verify(model_name: str, state_dict: dict[str, torch.Tensor], deployed: MRCo
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _saved_mrconv_norm(checkpoint: str | Path) -> str | None:
+    """The ``mrconv_norm`` that ``train_imagenet.py`` saves next to the weights; None for other files."""
+    if str(checkpoint).endswith(".safetensors"):
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    return saved.get("mrconv_norm") if isinstance(saved, dict) else None
+
+
 def export_model(
     model_name: str,
     checkpoint: str | Path,
@@ -62,7 +70,8 @@ def export_model(
     ``deploy=True`` reparameterizes every MRConv; ``deploy=False`` keeps the train form, which is what
     the models' default Hub cfgs expect (``pretrained=True`` then gives a fine-tunable model and
     ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint;
-    ``model_args`` (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model.
+    ``model_args`` (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model; the MRConv
+    ``norm`` defaults to the ``mrconv_norm`` a ``train_imagenet.py`` checkpoint records.
     Returns the model and, for a deploy export of a train-form checkpoint with ``verify``, the relative
     difference between both forms' logits (nothing is written if it exceeds ``tolerance``).
     """
@@ -71,6 +80,9 @@ def export_model(
     state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)  # weights_only / safetensors, prefixes removed
     model_args = dict(model_args or {})
     model_args.pop("deploy", None)
+    saved_norm = _saved_mrconv_norm(checkpoint)
+    if saved_norm is not None:  # the train form of norm='scale' has other parameters than BatchNorm's
+        model_args["mrconv_kwargs"] = {"norm": saved_norm, **model_args.get("mrconv_kwargs", {})}
     head = state_dict.get("head.fc.weight")
     num_classes = head.shape[0] if head is not None else 0
     stem = state_dict.get("stem.0.weight")

@@ -153,12 +153,17 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
 
     Accepts a bare state dict or a training checkpoint dict (``state_dict_ema`` / ``model_ema`` /
     ``state_dict`` / ``model``), strips ``module.`` / ``_orig_mod.`` prefixes, and reparameterizes
-    train-form MRConv weights when ``model`` is in deploy form. The input conv's channel count may
+    train-form MRConv weights when ``model`` is in deploy form. timm ConvNeXt weights of the same size are
+    converted (:func:`mrconvnext.convert.convert_convnext`). The input conv's channel count may
     differ, and the classifier too when the model's ``num_classes`` differs from the pretrained cfg's
     (timm's ``load_pretrained`` then adapts the stem and drops the head); any other missing,
     unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
     """
+    from ..convert import convert_convnext, is_convnext_state_dict  # imported here: `python -m mrconvnext.convert`
+
     state_dict = clean_state_dict(_select_state_dict(state_dict))
+    if is_convnext_state_dict(state_dict):  # timm ConvNeXt weights
+        state_dict = convert_convnext(state_dict, model)
     # the keys and shapes the checkpoint must have: the model's, in train form where the checkpoint is
     branches = _train_form_branches(state_dict, model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(branches))}
@@ -271,6 +276,9 @@ def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
+# timm's ConvNeXt ImageNet-1k weights per size, loaded through the ConvNeXt conversion in checkpoint_filter_fn
+_CONVERTED_CONVNEXT = {"atto": "d2_in1k", "nano": "d1h_in1k", "tiny": "fb_in1k", "small": "fb_in1k", "base": "fb_in1k"}
+
 # NOTE: nothing is published under these Hub ids yet; they name where released weights will live.
 default_cfgs = generate_default_cfgs(
     {
@@ -279,6 +287,17 @@ default_cfgs = generate_default_cfgs(
         "mrconvnext_tiny.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_tiny.in1k"),
         "mrconvnext_small.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_small.in1k"),
         "mrconvnext_base.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_base.in1k"),
+        **{
+            f"mrconvnext_{size}.convnext_{tag}": _cfg(
+                hf_hub_id=f"timm/convnext_{size}.{tag}",
+                notes=(
+                    f"timm's ConvNeXt-{size} ImageNet-1k weights (convnext_{size}.{tag}) converted on load "
+                    "(mrconvnext.convert) for img_size 224, not fine-tuned: exact off the row edges, so a starting "
+                    "point for a short fine-tune."
+                ),
+            )
+            for size, tag in _CONVERTED_CONVNEXT.items()
+        },
     }
 )
 

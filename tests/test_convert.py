@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -19,13 +22,6 @@ from mrconvnext.models.mrconvnext import checkpoint_filter_fn
 from .reference import direct_conv
 
 SIZES = ["atto", "nano", "tiny", "small", "base"]
-TAGS = {
-    "atto": "convnext_d2_in1k",
-    "nano": "convnext_d1h_in1k",
-    "tiny": "convnext_fb_in1k",
-    "small": "convnext_fb_in1k",
-    "base": "convnext_fb_in1k",
-}
 
 
 def convnext_state_dict(name: str = "convnext_atto", **kwargs) -> dict[str, torch.Tensor]:
@@ -165,14 +161,11 @@ def test_calibrated_batchnorm_keeps_eval_function_and_matches_batch_statistics()
     assert (train_mode - after).norm() / after.norm() < 1e-2  # biased vs unbiased variance of 512 values
 
 
-def test_tag_loads_converted_convnext_offline_and_reparameterizes(tmp_path):
+def test_pretrained_loads_convnext_file_and_reparameterizes(tmp_path):
     state_dict = convnext_state_dict()
     path = tmp_path / "convnext_atto.safetensors"
     save_file(state_dict, str(path))
-    model = timm.create_model(
-        "mrconvnext_atto.convnext_d2_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
-    )
-    assert model.pretrained_cfg["hf_hub_id"] == "timm/convnext_atto.d2_in1k"
+    model = timm.create_model("mrconvnext_atto", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(model.state_dict()["stem.0.weight"], state_dict["stem.0.weight"])
     model = model.double().eval()
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
@@ -183,21 +176,13 @@ def test_tag_loads_converted_convnext_offline_and_reparameterizes(tmp_path):
     assert (deploy - train_form).abs().max() / train_form.abs().max() < 1e-10
     torch.save({"state_dict_ema": state_dict, "epoch": 1}, tmp_path / "checkpoint.pth")
     deploy_model = timm.create_model(
-        "mrconvnext_atto.convnext_d2_in1k",
+        "mrconvnext_atto",
         pretrained=True,
         deploy=True,
         pretrained_cfg_overlay=dict(file=str(tmp_path / "checkpoint.pth")),
     ).double()
     with torch.no_grad():  # converted in float32: the train form's BN scale sqrt(1 + eps) / sqrt(1 + eps) rounds
         assert (deploy_model.eval()(x) - train_form).abs().max() / train_form.abs().max() < 1e-6
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_tags_name_timms_convnext_weights(size):
-    cfg = timm.models.get_pretrained_cfg(f"mrconvnext_{size}.{TAGS[size]}")
-    convnext = timm.models.get_pretrained_cfg(f"convnext_{size}.{TAGS[size].removeprefix('convnext_')}")
-    assert cfg.hf_hub_id == f"timm/convnext_{size}.{TAGS[size].removeprefix('convnext_')}" == convnext.hf_hub_id
-    assert cfg.num_classes == convnext.num_classes == 1000
 
 
 def test_convert_command(tmp_path):
@@ -212,3 +197,19 @@ def test_convert_command(tmp_path):
     assert "positions wrapping per stage: 37.5%, 75.0%, 87.5%, 50.0%" in result.stdout
     model = timm.create_model("mrconvnext_atto", num_classes=10, img_size=64, deploy=True, checkpoint_path=str(out))
     assert model.deploy
+
+
+def test_readme_conversion_commands(tmp_path):
+    """The README's ConvNeXt -> MRConvNeXt measurement commands as written, with one epoch per training run."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "mrconvnext.convert" in b)
+    script = re.sub(r"--epochs \d+", "--epochs 1", block).replace("OUT=/tmp/convnext-digits", f"OUT={tmp_path}")
+    assert script.count("--epochs 1") == 3 and f"OUT={tmp_path}" in script
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "-ec", script], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| converted, deploy form |" in result.stdout
+    assert "positions wrapping per stage at 224 px: 10.7%, 21.4%, 42.9%, 85.7%" in result.stdout
+    for run in ("convnext", "finetune", "scratch"):
+        assert (tmp_path / "runs" / run / "last.pth").exists()

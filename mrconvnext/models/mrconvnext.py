@@ -14,8 +14,9 @@ follow ``img_size``. Other input sizes run (kernels are cut or zero-padded to th
 Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts (``state_dict``,
 ``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
 prefixes) in train or deploy form, and reparameterizes train-form MRConv weights on load into a
-``deploy=True`` model. No ImageNet weights are published yet; ``pretrained=True`` raises an error that
-says where it looked and how to load local weights.
+``deploy=True`` model; timm ConvNeXt checkpoints of the same size are converted on load
+(:mod:`mrconvnext.convert`). No ImageNet weights are published yet; ``pretrained=True`` raises an error
+that says where it looked and how to load local weights.
 """
 
 from __future__ import annotations
@@ -276,9 +277,6 @@ def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-# timm's ConvNeXt ImageNet-1k weights per size, loaded through the ConvNeXt conversion in checkpoint_filter_fn
-_CONVERTED_CONVNEXT = {"atto": "d2_in1k", "nano": "d1h_in1k", "tiny": "fb_in1k", "small": "fb_in1k", "base": "fb_in1k"}
-
 # NOTE: nothing is published under these Hub ids yet; they name where released weights will live.
 default_cfgs = generate_default_cfgs(
     {
@@ -287,17 +285,6 @@ default_cfgs = generate_default_cfgs(
         "mrconvnext_tiny.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_tiny.in1k"),
         "mrconvnext_small.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_small.in1k"),
         "mrconvnext_base.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_base.in1k"),
-        **{
-            f"mrconvnext_{size}.convnext_{tag}": _cfg(
-                hf_hub_id=f"timm/convnext_{size}.{tag}",
-                notes=(
-                    f"timm's ConvNeXt-{size} ImageNet-1k weights (convnext_{size}.{tag}) converted on load "
-                    "(mrconvnext.convert) for img_size 224, not fine-tuned: exact off the row edges, so a starting "
-                    "point for a short fine-tune."
-                ),
-            )
-            for size, tag in _CONVERTED_CONVNEXT.items()
-        },
     }
 )
 

@@ -117,20 +117,24 @@ def wraparound_fraction(height: int, width: int, kernel_size: tuple[int, int] = 
     return wrapped / length
 
 
+def _stage_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """``(H, W)`` of each stage's feature map at the ``img_size`` an MRConvNeXt is planned for."""
+    height, width = model.img_size
+    return [(height // info["reduction"], width // info["reduction"]) for info in model.feature_info]
+
+
 def _layer_geometry(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``(H, W)`` of the feature map each block's MRConv2d is planned for, by module name."""
-    height, width = model.img_size
-    geometry = {}
-    for stage_idx, (stage, info) in enumerate(zip(model.stages, model.feature_info, strict=True)):
-        size = (height // info["reduction"], width // info["reduction"])
-        for block_idx in range(len(stage.blocks)):
-            geometry[f"stages.{stage_idx}.blocks.{block_idx}.conv_dw"] = size
-    return geometry
+    return {
+        f"stages.{stage_idx}.blocks.{block_idx}.conv_dw": size
+        for stage_idx, (stage, size) in enumerate(zip(model.stages, _stage_sizes(model), strict=True))
+        for block_idx in range(len(stage.blocks))
+    }
 
 
 def stage_wraparound(model: nn.Module) -> list[float]:
     """:func:`wraparound_fraction` of each stage of an MRConvNeXt at the ``img_size`` it is planned for."""
-    return [wraparound_fraction(h, w) for h, w in dict.fromkeys(_layer_geometry(model).values())]
+    return [wraparound_fraction(h, w) for h, w in _stage_sizes(model)]
 
 
 def _check_layer(layer: MRConv, name: str) -> None:

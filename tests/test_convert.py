@@ -206,7 +206,8 @@ def test_readme_conversion_commands(tmp_path):
     block = next(b for b in blocks if "mrconvnext.convert" in b)
     script = re.sub(r"--epochs \d+", "--epochs 1", block).replace("OUT=/tmp/convnext-digits", f"OUT={tmp_path}")
     assert script.count("--epochs 1") == 3 and f"OUT={tmp_path}" in script
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # `python` is this one
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", "-ec", script], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| converted, deploy form |" in result.stdout

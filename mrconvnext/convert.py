@@ -15,8 +15,8 @@ its output is gated off but its ``alpha`` receives gradients from the first fine
 ``h``'s BatchNorm is the identity in eval mode (``gamma = sqrt(1 + eps)``, ``beta`` = the conv bias).
 In train mode BatchNorm normalises by batch statistics instead, which would rescale every channel of the
 converted function: :func:`calibrate_batchnorm` sets the running statistics to those of real data while
-keeping each branch's eval-mode affine map, so that train-mode and eval-mode outputs agree before
-fine-tuning.
+keeping each branch's eval-mode affine map, so that train-mode outputs start close to the eval-mode ones
+(up to the batch-to-batch variation of the statistics).
 
 Kernel types that can hold the taps: ``'dense'`` (free taps), ``'sparse'`` and ``'fourier_sparse'`` (the
 sparse positions are set to the offsets; in ``'fourier_sparse'`` resolution ``h``'s Fourier part starts at
@@ -304,8 +304,8 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> int:
     ``batches`` (images, or ``(images, targets)`` pairs), keeping each branch's eval-mode affine map.
 
     Eval-mode outputs do not change (``gamma`` and ``beta`` absorb the new statistics, Eq. 18), so one pass
-    sees every layer's exact inputs; afterwards train-mode batch statistics match the running ones and the
-    first fine-tuning steps compute (nearly) the converted function. Returns the number of images seen.
+    sees every layer's exact inputs; afterwards train-mode batch statistics vary around the running ones and
+    the first fine-tuning steps compute close to the converted function. Returns the number of images seen.
     """
     layers = [m for m in model.modules() if isinstance(m, MRConv) and not m.deploy and hasattr(m, "norm")]
     sums: dict[MRConv, list[torch.Tensor]] = {}

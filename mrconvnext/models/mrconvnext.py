@@ -14,8 +14,9 @@ follow ``img_size``. Other input sizes run (kernels are cut or zero-padded to th
 Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts (``state_dict``,
 ``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
 prefixes) in train or deploy form, and reparameterizes train-form MRConv weights on load into a
-``deploy=True`` model. No ImageNet weights are published yet; ``pretrained=True`` raises an error that
-says where it looked and how to load local weights.
+``deploy=True`` model; timm ConvNeXt checkpoints of the same size are converted on load
+(:mod:`mrconvnext.convert`). No ImageNet weights are published yet; ``pretrained=True`` raises an error
+that says where it looked and how to load local weights.
 """
 
 from __future__ import annotations
@@ -153,12 +154,17 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
 
     Accepts a bare state dict or a training checkpoint dict (``state_dict_ema`` / ``model_ema`` /
     ``state_dict`` / ``model``), strips ``module.`` / ``_orig_mod.`` prefixes, and reparameterizes
-    train-form MRConv weights when ``model`` is in deploy form. The input conv's channel count may
+    train-form MRConv weights when ``model`` is in deploy form. timm ConvNeXt weights of the same size are
+    converted (:func:`mrconvnext.convert.convert_convnext`). The input conv's channel count may
     differ, and the classifier too when the model's ``num_classes`` differs from the pretrained cfg's
     (timm's ``load_pretrained`` then adapts the stem and drops the head); any other missing,
     unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
     """
+    from ..convert import convert_convnext, is_convnext_state_dict  # imported here: `python -m mrconvnext.convert`
+
     state_dict = clean_state_dict(_select_state_dict(state_dict))
+    if is_convnext_state_dict(state_dict):  # timm ConvNeXt weights
+        state_dict = convert_convnext(state_dict, model)
     # the keys and shapes the checkpoint must have: the model's, in train form where the checkpoint is
     branches = _train_form_branches(state_dict, model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(branches))}

@@ -4,15 +4,22 @@ The reparameterized MRConv (paper Eq. 13) is one long depthwise convolution. Its
 path caches spectra in Python and sizes channel blocks from the batch, which neither exporter can
 trace, and the TorchScript-based ONNX exporter has no FFT at all. :func:`export_form` therefore
 copies a model and swaps every MRConv for a :class:`LongConv`: the same convolution at the layer's
-planned length, its merged kernel (Eqs. 8, 13, 18) stored as a constant in one of two exact forms
+planned length ``L``, its merged kernel (Eqs. 8, 13, 18) stored as a constant in one of three exact
+forms (all float32, within ~1e-6 of a float64 direct convolution):
 
 * ``'toeplitz'``: dense Toeplitz matrices ``(D, L, L)``, one batched MatMul (``D L^2`` MACs/sample);
-* ``'dft'``: the kernel's spectrum at a power-of-two length ``n``, convolved with ONNX's ``DFT``
-  (opset 17+, emitted by the dynamo-based ``torch.onnx.export``). onnxruntime runs radix-2 FFTs
-  for powers of two only; other lengths take an O(n^2) DFT that also loses float32 accuracy.
+* ``'matmul'``: the circular convolution of length ``n = n1 n2`` through a DFT factored as in
+  Cooley-Tukey's four-step FFT, each step a MatMul with a small constant cosine/sine matrix shared
+  by all channels (``~4 n L / n1 + 8 n n1`` MACs per channel), and the kernel's spectrum;
+* ``'dft'``: ONNX's ``DFT`` op (opset 17+, from ``torch.fft.rfft``/``irfft`` through the dynamo-based
+  ``torch.onnx.export``) at a power-of-two length: onnxruntime has a radix-2 FFT for powers of two
+  only (other lengths take an O(n^2) DFT that also lost float32 accuracy, 4e-4 at n = 6272).
 
-``method='auto'`` takes the Toeplitz form up to :data:`TOEPLITZ_MAX_LEN`, measured in onnxruntime
-(see the README's Deploy section: ``python -m mrconvnext.onnx_export --measure``).
+onnxruntime 1.32 (CPU, 1 thread; ``benchmarks/benchmark.py --targets 6 --threads 1``) ran the
+MatMul DFT 1.5-6x faster than its own DFT op at every MRConvNeXt-T and LRA shape measured, and the
+Toeplitz MatMul faster still for the short maps (L = 49: 10x; L = 196: 4x at batch 8) but slower from
+L = 784 on. ``method='auto'`` therefore takes the Toeplitz form up to ``L =`` :data:`TOEPLITZ_MAX_LEN`
+(and while its constant stays under :data:`TOEPLITZ_MAX_BYTES` per layer), the MatMul DFT beyond.
 
 The exported graphs have a dynamic batch axis; the sequence length / image size is the planned
 one (the kernels' training length) and is written into the ONNX metadata.
@@ -22,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ from .mrconv import MRConv, MRConv2d
 
 __all__ = [
     "LONG_CONV_METHODS",
+    "TOEPLITZ_MAX_BYTES",
     "TOEPLITZ_MAX_LEN",
     "LongConv",
     "export_form",
@@ -45,11 +53,12 @@ __all__ = [
     "export_onnx",
     "torch_export",
     "onnx_parity",
+    "planned_input",
 ]
 
-LONG_CONV_METHODS = ("auto", "toeplitz", "dft")
-# onnxruntime 1.32, 1 thread, D = 384: Toeplitz MatMul faster than the DFT pair up to L = 256 (see module doc)
-TOEPLITZ_MAX_LEN = 256
+LONG_CONV_METHODS = ("auto", "toeplitz", "matmul", "dft")
+TOEPLITZ_MAX_LEN = 256  # measured in onnxruntime, see the module docstring
+TOEPLITZ_MAX_BYTES = 2**26  # 64 MiB of Toeplitz constants per layer
 OPSET = 18
 
 
@@ -57,6 +66,22 @@ def _dft_length(seq_len: int, causal_taps: int, anticausal_taps: int) -> int:
     """Power of two with no circular wrap-around onto outputs ``[0, L)`` (lags ``-Ka .. Kc-1``)."""
     need = seq_len + max(anticausal_taps, causal_taps - 1)
     return 1 << (need - 1).bit_length()
+
+
+def _factor_length(seq_len: int, causal_taps: int, anticausal_taps: int) -> tuple[int, int]:
+    """``(n1, n2)`` for the factored DFT of length ``n = n1 n2`` without wrap-around onto ``[0, L)``.
+
+    Costs ``4 n ceil(L / n1) + 8 n n1`` MACs per row (see :meth:`LongConv._conv_matmul`): ``n1`` is the
+    power of two nearest ``sqrt(L / 2)``, ``n2`` the fewest rows of ``n1`` that cover the length needed.
+    """
+    need = seq_len + max(anticausal_taps, causal_taps - 1)
+    n1 = 1 << max(0, round(math.log2(max(seq_len / 2, 1)) / 2))
+    return n1, -(-need // n1)
+
+
+def _complex_matrix(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
+    """``[[Re, Im], [-Im, Re]]``: right-multiplying ``[x_re | x_im]`` by it multiplies ``x`` by ``Re + i Im``."""
+    return torch.cat([torch.cat([real, imag], 1), torch.cat([-imag, real], 1)], 0)
 
 
 class LongConv(nn.Module):
@@ -81,12 +106,15 @@ class LongConv(nn.Module):
             raise ValueError(f"unknown long-convolution method {method!r}; expected one of {list(LONG_CONV_METHODS)}")
         self.seq_len = seq_len
         self.image = image
-        self.method = ("toeplitz" if seq_len <= TOEPLITZ_MAX_LEN else "dft") if method == "auto" else method
         kernel = kernel.detach().double()
+        dim = kernel.shape[-2]
+        if method == "auto":
+            small = seq_len <= TOEPLITZ_MAX_LEN and 4 * dim * seq_len**2 <= TOEPLITZ_MAX_BYTES
+            method = "toeplitz" if small else "matmul"
+        self.method = method
         causal = kernel[0] if bidirectional else kernel
         anticausal = kernel[1, :, : seq_len - 1] if bidirectional else kernel[:, :0]
         causal = causal[:, :seq_len]
-        dim = causal.shape[0]
         self.register_buffer("bias", bias.detach().float().reshape(dim, 1))
         if self.method == "toeplitz":
             # taps by lag -(L-1) .. L-1; T[d, s, t] = tap at lag t - s, so y[b, d] = u[b, d] @ T[d]
@@ -95,14 +123,44 @@ class LongConv(nn.Module):
             taps[:, seq_len - 1 - anticausal.shape[1] : seq_len - 1] = anticausal.flip(-1)
             lags = seq_len - 1 + torch.arange(seq_len)[None, :] - torch.arange(seq_len)[:, None]
             self.register_buffer("toeplitz", taps[:, lags].float())
-        else:
+            return
+        if self.method == "dft":
             self.n = _dft_length(seq_len, causal.shape[1], anticausal.shape[1])
-            buffer = kernel.new_zeros(dim, self.n)
-            buffer[:, : causal.shape[1]] = causal
-            buffer[:, self.n - anticausal.shape[1] :] = anticausal.flip(-1)
+        else:
+            self.n1, self.n2 = _factor_length(seq_len, causal.shape[1], anticausal.shape[1])
+            self.n = self.n1 * self.n2
+        # circular buffer: causal taps at 0 .. Kc-1, anti-causal ones flipped into the last Ka positions
+        buffer = kernel.new_zeros(dim, self.n)
+        buffer[:, : causal.shape[1]] = causal
+        buffer[:, self.n - anticausal.shape[1] :] = anticausal.flip(-1)
+        if self.method == "dft":
             spectrum = torch.fft.rfft(buffer)
             self.register_buffer("spectrum_real", spectrum.real.float())
             self.register_buffer("spectrum_imag", spectrum.imag.float())
+        else:
+            self._init_factored_dft(torch.fft.fft(buffer))
+
+    def _init_factored_dft(self, spectrum: torch.Tensor) -> None:
+        """Constants of :meth:`_conv_matmul`: ``t = t1 + n1 t2``, ``f = f2 + n2 f1``, all in float64 first."""
+        n, n1, n2 = self.n, self.n1, self.n2
+        rows = -(-self.seq_len // n1)  # T2: rows of n1 samples that hold the input (the rest is zero padding)
+        angle = -2 * math.pi / n
+
+        def unit(exponent: torch.Tensor, period: int) -> tuple[torch.Tensor, torch.Tensor]:
+            phase = angle * n / period * (exponent % period)
+            return torch.cos(phase), torch.sin(phase)
+
+        f2, t1, t2, f1 = (torch.arange(size, dtype=torch.float64) for size in (n2, n1, rows, n1))
+        w2 = unit(f2[:, None] * t2[None, :], n2)  # (n2, T2): inner DFT over t2
+        self.register_buffer("inner", torch.cat(w2, 0).float())  # (2 n2, T2): real rows, then imaginary rows
+        self.register_buffer("twiddle", torch.stack(unit(f2[:, None] * t1[None, :], n)).float())  # (2, n2, n1)
+        w1 = unit(t1[:, None] * f1[None, :], n1)  # (n1, n1): outer DFT over t1
+        self.register_buffer("outer", _complex_matrix(*w1).float())
+        self.register_buffer("outer_inverse", _complex_matrix(w1[0], -w1[1]).float())
+        # inverse inner DFT, real part only, rows t2 < T2, with the 1/n of the inverse transform
+        self.register_buffer("inner_inverse", (torch.cat([w2[0].t(), w2[1].t()], 1) / n).float())  # (T2, 2 n2)
+        spectrum = spectrum.view(-1, n1, n2).transpose(1, 2)  # [d, f2, f1] = spectrum[d, f2 + n2 f1]
+        self.register_buffer("spectrum", torch.stack([spectrum.real, spectrum.imag]).float())  # (2, D, n2, n1)
 
     @classmethod
     def from_mrconv(cls, layer: MRConv, method: str = "auto") -> LongConv:
@@ -125,6 +183,8 @@ class LongConv(nn.Module):
             )
         if self.method == "toeplitz":
             y = torch.matmul(x.transpose(0, 1), self.toeplitz).transpose(0, 1)
+        elif self.method == "matmul":
+            y = self._conv_matmul(x)
         else:
             spectrum = torch.view_as_real(torch.fft.rfft(x, n=self.n))
             real, imag = spectrum[..., 0], spectrum[..., 1]
@@ -138,8 +198,33 @@ class LongConv(nn.Module):
             y = torch.fft.irfft(torch.view_as_complex(product), n=self.n)[..., : self.seq_len]
         return (y + self.bias).reshape(shape)
 
+    def _conv_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Circular convolution of length ``n = n1 n2`` by a factored DFT (Cooley-Tukey's four steps) as MatMuls.
+
+        Complex values travel as ``[real | imaginary]`` halves of the last axis. Forward: DFT over ``t2``
+        (only the ``T2`` rows holding the input), twiddles, DFT over ``t1``; product with the kernel's
+        spectrum; inverse in reverse order, keeping the real part of the ``T2`` output rows.
+        """
+        n1, n2 = self.n1, self.n2
+        rows = self.inner.shape[1]
+        batch, dim = x.shape[0], x.shape[1]
+        u = F.pad(x, (0, rows * n1 - self.seq_len)).reshape(batch, dim, rows, n1)
+        a = torch.matmul(self.inner, u)  # (B, D, 2 n2, n1)
+        re, im = a[..., :n2, :], a[..., n2:, :]
+        tw_re, tw_im = self.twiddle[0], self.twiddle[1]
+        a = torch.cat([re * tw_re - im * tw_im, re * tw_im + im * tw_re], -1)  # (B, D, n2, 2 n1)
+        spec = torch.matmul(a, self.outer)
+        re, im = spec[..., :n1], spec[..., n1:]
+        k_re, k_im = self.spectrum[0], self.spectrum[1]
+        spec = torch.cat([re * k_re - im * k_im, re * k_im + im * k_re], -1)
+        b = torch.matmul(spec, self.outer_inverse)
+        re, im = b[..., :n1], b[..., n1:]
+        b = torch.cat([re * tw_re + im * tw_im, im * tw_re - re * tw_im], -2)  # (B, D, 2 n2, n1)
+        y = torch.matmul(self.inner_inverse, b)  # (B, D, T2, n1)
+        return y.reshape(batch, dim, rows * n1)[..., : self.seq_len]
+
     def extra_repr(self) -> str:
-        size = f", n={self.n}" if self.method == "dft" else ""
+        size = f", n={self.n}" if self.method != "toeplitz" else ""
         return f"seq_len={self.seq_len}, method={self.method!r}{size}, image={self.image}"
 
 
@@ -202,7 +287,9 @@ def planned_input(model: nn.Module) -> dict[str, Any]:
     _check_exportable(model)
     if isinstance(model, MRConvNeXt):
         height, width = model.img_size
-        return dict(inputs={"images": ((model.stem[0].in_channels, height, width), "float32")}, img_size=[height, width])
+        return dict(
+            inputs={"images": ((model.stem[0].in_channels, height, width), "float32")}, img_size=[height, width]
+        )
     length = model.seq_len
     if model.vocab_size is not None:
         data = ((2, length) if model.pair_input else (length,), "int64")
@@ -309,7 +396,9 @@ def export_onnx(
         inputs=inputs,
         outputs={"logits": dict(shape=["batch", model.num_classes])},
         long_conv=[
-            dict(layer=name, seq_len=m.seq_len, method=m.method) for name, m in graph.named_modules() if isinstance(m, LongConv)
+            dict(layer=name, seq_len=m.seq_len, method=m.method)
+            for name, m in graph.named_modules()
+            if isinstance(m, LongConv)
         ],
         pretrained_cfg={k: v for k, v in cfg.items() if isinstance(v, str | int | float | bool | list | tuple | None)},
         **{k: v for k, v in planned.items() if k != "inputs"},

@@ -28,6 +28,7 @@ one (the kernels' training length) and is written into the ONNX metadata.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -35,9 +36,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import load_state_dict, split_model_name_tag
 
 from .models.mrconvnext import MRConvNeXt
 from .models.sequence import MRConvSequenceModel
@@ -54,10 +57,11 @@ __all__ = [
     "torch_export",
     "onnx_parity",
     "planned_input",
+    "load_checkpoint_model",
 ]
 
 LONG_CONV_METHODS = ("auto", "toeplitz", "matmul", "dft")
-TOEPLITZ_MAX_LEN = 256  # measured in onnxruntime, see the module docstring
+TOEPLITZ_MAX_LEN = 128  # measured in onnxruntime, see the module docstring
 TOEPLITZ_MAX_BYTES = 2**26  # 64 MiB of Toeplitz constants per layer
 OPSET = 18
 
@@ -108,9 +112,14 @@ class LongConv(nn.Module):
         self.image = image
         kernel = kernel.detach().double()
         dim = kernel.shape[-2]
+        toeplitz_bytes = 4 * dim * seq_len**2
         if method == "auto":
-            small = seq_len <= TOEPLITZ_MAX_LEN and 4 * dim * seq_len**2 <= TOEPLITZ_MAX_BYTES
-            method = "toeplitz" if small else "matmul"
+            method = "toeplitz" if seq_len <= TOEPLITZ_MAX_LEN and toeplitz_bytes <= TOEPLITZ_MAX_BYTES else "matmul"
+        elif method == "toeplitz" and toeplitz_bytes > 16 * TOEPLITZ_MAX_BYTES:
+            raise ValueError(
+                f"Toeplitz form of a layer with D={dim}, L={seq_len} needs {toeplitz_bytes / 2**30:.1f} GiB of "
+                f"constants (limit {16 * TOEPLITZ_MAX_BYTES / 2**30:.0f} GiB); use method='matmul' or 'dft'"
+            )
         self.method = method
         causal = kernel[0] if bidirectional else kernel
         anticausal = kernel[1, :, : seq_len - 1] if bidirectional else kernel[:, :0]
@@ -349,7 +358,7 @@ def onnx_parity(path: str | Path, model: nn.Module, lengths: bool, batch: int = 
 
     The reference is ``model`` itself in eager PyTorch (eval mode, float32), on the same inputs.
     """
-    import onnxruntime as ort
+    ort = _require("onnxruntime")
 
     args = example_inputs(model, batch=batch, lengths=lengths, seed=1)
     options = ort.SessionOptions()
@@ -362,21 +371,35 @@ def onnx_parity(path: str | Path, model: nn.Module, lengths: bool, batch: int = 
     return ((torch.from_numpy(out).double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"ONNX export needs {module!r}: pip install 'mrconvnext[export]' (onnx, onnxscript, onnxruntime)"
+        ) from e
+
+
 def export_onnx(
     model: nn.Module,
     output: str | Path,
     method: str = "auto",
     lengths: bool | None = None,
     metadata: dict[str, Any] | None = None,
-) -> Path:
+    verify: bool = True,
+    tolerance: float = 1e-4,
+) -> tuple[Path, float | None]:
     """Write ``model`` (deploy or eval train form) as ONNX to ``output`` (a ``.onnx`` file), atomically.
 
     ``lengths`` adds the padding-lengths input of sequence models (default: token models have it).
-    Metadata (``onnx.ModelProto.metadata_props``): the planned size, the inputs, the long-convolution
-    method per layer, the pretrained cfg, and ``metadata``'s entries, all as JSON strings.
+    Metadata (``onnx.ModelProto.metadata_props``, JSON strings): the planned size (``img_size`` or
+    ``seq_len``), the inputs and output, the long-convolution form per layer, the pretrained cfg and
+    ``metadata``'s entries. With ``verify`` the written graph runs in onnxruntime against ``model``
+    in eager PyTorch (:func:`onnx_parity`); nothing is written if the error exceeds ``tolerance``.
+    Returns the path and the error (None without ``verify``).
     """
-    import onnx
-
+    onnx = _require("onnx")
+    _require("onnxscript")
     _check_exportable(model)
     if lengths is None:
         lengths = isinstance(model, MRConvSequenceModel) and model.vocab_size is not None
@@ -411,7 +434,52 @@ def export_onnx(
         tmp = Path(f.name)
     try:
         onnx.save_model(proto, str(tmp))
+        error = onnx_parity(tmp, model, lengths) if verify else None
+        if error is not None and not error < tolerance:
+            raise RuntimeError(
+                f"onnxruntime disagrees with PyTorch on {output.name}: max relative error {error:.2e} >= {tolerance}"
+            )
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    return output
+    return output, error
+
+
+def load_checkpoint_model(
+    model_name: str, checkpoint: str | Path, use_ema: bool = True, model_args: dict[str, Any] | None = None
+) -> nn.Module:
+    """The registered model ``model_name`` with a checkpoint's weights (train or deploy form), in eval mode.
+
+    MRConvNeXt checkpoints load through its checkpoint filter; sequence models are built in the form
+    the checkpoint holds. ``num_classes`` (and MRConvNeXt's ``in_chans``) come from the checkpoint;
+    ``model_args`` (``img_size``, ``seq_len``, ``mrconv_kwargs``, ...) must match the trained model.
+    """
+    family = split_model_name_tag(model_name)[0]
+    names = timm.list_models("mrconvnext*") + timm.list_models("mrconv_*")
+    if family not in names:
+        raise ValueError(f"cannot export {model_name!r}: ONNX export takes one of {names}")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found (expected a .pth/.pth.tar or .safetensors)")
+    state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)
+    model_args = dict(model_args or {})
+    model_args.pop("deploy", None)
+    if family.startswith("mrconvnext"):
+        head, stem = state_dict.get("head.fc.weight"), state_dict.get("stem.0.weight")
+        if stem is not None:
+            model_args.setdefault("in_chans", stem.shape[1])
+        model_args["num_classes"] = head.shape[0] if head is not None else 0
+        overlay = dict(state_dict=state_dict, num_classes=model_args["num_classes"])
+        return timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, deploy=True, **model_args
+        ).eval()
+    head = state_dict.get("head.weight")
+    model_args["num_classes"] = head.shape[0] if head is not None else 0
+    deploy = any(k.endswith(".conv.weight") for k in state_dict)  # deploy MRConv: weight + bias only
+    model = timm.create_model(model_name, deploy=deploy, **model_args)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise RuntimeError(f"checkpoint {str(checkpoint)!r} does not fit {model_name} ({model_args}): {e}") from e
+    model.eval()
+    model.reparameterize()
+    return model

@@ -497,7 +497,7 @@ def bench_onnx_inference(args, tmp: str) -> list[Row]:
     for name, model in models.items():
         path = os.path.join(tmp, f"{name}.onnx")
         if name.startswith("mrconvnext"):
-            export_onnx(model, path)
+            parity = export_onnx(model, path)[1]
         else:
             onnx_export_module(model.eval(), x, path)
         fns[f"onnx {name}"] = ort_fn(ort_session(path, torch.get_num_threads()), x)
@@ -508,7 +508,7 @@ def bench_onnx_inference(args, tmp: str) -> list[Row]:
     rows = []
     for runtime in ("onnx", "torch"):
         base, cand = (f"{runtime} {name}" for name in models)
-        label = "onnxruntime" if runtime == "onnx" else "PyTorch eager (same run)"
+        label = f"onnxruntime (parity {parity:.1e})" if runtime == "onnx" else "PyTorch eager (same run)"
         rows.append(
             Row(
                 "6" if runtime == "onnx" else "6*",

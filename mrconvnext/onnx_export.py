@@ -288,7 +288,7 @@ def export_form(model: nn.Module, method: str = "auto") -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, MRConv):
             model.set_submodule(name, LongConv.from_mrconv(module, method))
-    return _SequenceGraph(model) if isinstance(model, MRConvSequenceModel) else model
+    return _SequenceGraph(model).eval() if isinstance(model, MRConvSequenceModel) else model
 
 
 def planned_input(model: nn.Module) -> dict[str, Any]:

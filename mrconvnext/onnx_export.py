@@ -17,9 +17,11 @@ forms (all float32, within ~1e-6 of a float64 direct convolution):
 
 onnxruntime 1.32 (CPU, 1 thread; ``benchmarks/benchmark.py --targets 6 --threads 1``) ran the
 MatMul DFT 1.5-6x faster than its own DFT op at every MRConvNeXt-T and LRA shape measured, and the
-Toeplitz MatMul faster still for the short maps (L = 49: 10x; L = 196: 4x at batch 8) but slower from
-L = 784 on. ``method='auto'`` therefore takes the Toeplitz form up to ``L =`` :data:`TOEPLITZ_MAX_LEN`
-(and while its constant stays under :data:`TOEPLITZ_MAX_BYTES` per layer), the MatMul DFT beyond.
+Toeplitz MatMul faster still for the short maps (L = 49: 10x; L = 196: 4x at batch 8, slower at
+batch 1) but slower from L = 784 on; its constants grow as ``D L^2`` (59 MB per MRConvNeXt-T stage-3
+layer, 530 MB for the stage). ``method='auto'`` therefore takes the Toeplitz form up to
+``L =`` :data:`TOEPLITZ_MAX_LEN` (and while its constant stays under :data:`TOEPLITZ_MAX_BYTES` per
+layer), the MatMul DFT beyond.
 
 The exported graphs have a dynamic batch axis; the sequence length / image size is the planned
 one (the kernels' training length) and is written into the ONNX metadata.

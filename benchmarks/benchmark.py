@@ -3,11 +3,13 @@
     python benchmarks/benchmark.py                 # all targets, CPU (or CUDA with bf16 autocast if present)
     python benchmarks/benchmark.py --quick         # fewer repeats, skips the slow plain-autograd reference
     python benchmarks/benchmark.py --targets 3,4   # a subset
+    python benchmarks/benchmark.py --targets 6 --threads 1   # ONNX: onnxruntime vs PyTorch, Toeplitz vs DFT
 
 Method: every comparison runs its candidates round-robin in this process (baseline, candidate,
 baseline, ...) after warm-up runs. The table shows the median time of each side and, as the
 ratio, the median over rounds of each round's candidate / baseline ratio: the two runs of a
-round are back to back, so slow drifts of a shared machine cancel. Peak training memory on the
+round are back to back, so slow drifts of a shared machine cancel. onnxruntime sessions (target
+6) use as many intra-op threads as torch. Peak training memory on the
 CPU is the growth of the peak resident set (``VmHWM``) over one training step, measured in a
 fresh subprocess per model; on CUDA it is ``max_memory_allocated``.
 """
@@ -21,7 +23,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ import torch
 
 import mrconvnext
 from mrconvnext import MRConv, MRConv2d, fft_length
+from mrconvnext.onnx_export import LongConv, export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' plain-autograd reference layer
 from tests.reference import branch_bn_autograd  # noqa: E402
@@ -425,6 +430,105 @@ def bench_long_train(args, device, targets) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------- ONNX
+# (D, L, kernel_size, 2D): MRConvNeXt-T stages at 224x224 and two sequence-model layers (5 resolutions)
+ONNX_SHAPES = [(d, h * w, k, True) for d, h, w, k in STAGE_SHAPES] + [(128, 1024, 16, False), (256, 4096, 64, False)]
+TOEPLITZ_MAX_BYTES = 2**30  # the Toeplitz constant D * L^2 floats: not built beyond 1 GiB
+
+
+def ort_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_fn(session, *inputs: torch.Tensor) -> Callable[[], object]:
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
+    return lambda: session.run(None, feed)
+
+
+def onnx_export_module(module: torch.nn.Module, x: torch.Tensor, path: str) -> None:
+    """The same exporter as ``mrconvnext.export --format onnx``: dynamo, opset 18, dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (x,), path, dynamo=True, opset_version=18, dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+
+
+def bench_onnx_long_conv(args, tmp: str) -> list[Row]:
+    """One deploy layer in onnxruntime: ONNX DFT op vs factored DFT as MatMuls vs Toeplitz MatMul (``LongConv``)."""
+    rows = []
+    for dim, seq_len, kernel_size, two_d in ONNX_SHAPES:
+        layer = deploy_layer(dim, seq_len, kernel_size, 5, torch.device("cpu"), two_d=False)
+        x = torch.randn(args.batch, dim, seq_len)
+        methods = ["dft", "matmul"] + (["toeplitz"] if dim * seq_len**2 * 4 <= TOEPLITZ_MAX_BYTES else [])
+        convs = {method: LongConv.from_mrconv(layer, method) for method in methods}
+        fns = {}
+        for method, conv in convs.items():
+            path = os.path.join(tmp, f"conv_{method}_{dim}_{seq_len}.onnx")
+            onnx_export_module(conv, x, path)
+            fns[method] = ort_fn(ort_session(path, torch.get_num_threads()), x)
+        t = compare(fns, args.repeats, 2, torch.device("cpu"))
+        what = f"ONNX deploy layer B={args.batch} D={dim} L={seq_len}" + (" (2D)" if two_d else "")
+        for method in methods[1:]:
+            label = f"MatMul DFT n={convs[method].n1}x{convs[method].n2}" if method == "matmul" else "Toeplitz MatMul"
+            rows.append(
+                Row(
+                    "6*",
+                    what,
+                    f"DFT op n={convs['dft'].n}",
+                    t["dft"] * 1e3,
+                    label,
+                    t[method] * 1e3,
+                    "ms",
+                    "<= 1",
+                    t.ratio(method, "dft"),
+                )
+            )
+    return rows
+
+
+def bench_onnx_inference(args, tmp: str) -> list[Row]:
+    """ONNX MRConvNeXt-T (deploy) vs ConvNeXt-T, exported the same way, in onnxruntime; PyTorch beside it."""
+    x = torch.randn(args.batch, 3, 224, 224)
+    models = {"convnext_tiny": create_model("convnext_tiny", x.device, False)}
+    models["mrconvnext_tiny"] = create_model("mrconvnext_tiny", x.device, False)
+    fns = {}
+    for name, model in models.items():
+        path = os.path.join(tmp, f"{name}.onnx")
+        if name.startswith("mrconvnext"):
+            parity = export_onnx(model, path)[1]
+        else:
+            onnx_export_module(model.eval(), x, path)
+        fns[f"onnx {name}"] = ort_fn(ort_session(path, torch.get_num_threads()), x)
+    with torch.no_grad():
+        for name, model in models.items():
+            fns[f"torch {name}"] = lambda m=model: m(x)
+        t = compare(fns, args.infer_repeats, 1, torch.device("cpu"))
+    rows = []
+    for runtime in ("onnx", "torch"):
+        base, cand = (f"{runtime} {name}" for name in models)
+        label = f"onnxruntime (parity {parity:.1e})" if runtime == "onnx" else "PyTorch eager (same run)"
+        rows.append(
+            Row(
+                "6" if runtime == "onnx" else "6*",
+                f"inference {label}, images/s",
+                "convnext_tiny",
+                args.batch / t[base],
+                "mrconvnext_tiny deploy",
+                args.batch / t[cand],
+                "img/s",
+                ">= 0.85",
+                t.ratio(base, cand),
+            )
+        )
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def machine_info(device: torch.device) -> list[str]:
     cpu = platform.processor() or platform.machine()
@@ -491,7 +595,7 @@ def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="1,2,3,4,5", help="comma-separated subset of 1-5")
+    parser.add_argument("--targets", default="1,2,3,4,5,6", help="comma-separated subset of 1-6")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no plain-autograd reference")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -504,8 +608,8 @@ def main() -> None:
     args.train_repeats = 2 if args.quick else 5
     args.long_repeats = 2 if args.quick else 5
     targets = set(args.targets.split(","))
-    if not targets <= set("12345"):
-        raise SystemExit(f"--targets expects numbers 1-5, got {args.targets!r}")
+    if not targets <= set("123456"):
+        raise SystemExit(f"--targets expects numbers 1-6, got {args.targets!r}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -518,6 +622,10 @@ def main() -> None:
         rows += bench_inference(args, device)
     if targets & {"2", "5"}:
         rows += bench_training(args, device, targets)
+    if "6" in targets:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += bench_onnx_long_conv(args, tmp)
+            rows += bench_onnx_inference(args, tmp)
     rows.sort(key=lambda r: r.target)
     print_table(rows, device, machine_info(device), time.perf_counter() - start)
 

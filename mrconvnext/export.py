@@ -7,6 +7,10 @@ By default every MRConv is reparameterized (paper Eqs. 8, 13, 18) and ``deploy/`
 ``timm.create_model('local-dir:deploy/', pretrained=True)`` rebuilds the deploy model and loads it
 strictly. ``--form train`` writes the train form instead (the form the default Hub cfgs expect).
 Both files are written into a temporary directory and renamed into place, weights first.
+
+``--format onnx`` writes ``deploy/model.onnx`` instead, for any registered model (MRConvNeXt and the
+``mrconv_*`` sequence models): deploy form, dynamic batch, the planned input size in its metadata,
+checked in onnxruntime against PyTorch (see :mod:`mrconvnext.onnx_export`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from timm.models import load_state_dict, split_model_name_tag
 from timm.models._hub import save_for_hf
 
 from .models.mrconvnext import MRConvNeXt
+from .onnx_export import LONG_CONV_METHODS, export_onnx, load_checkpoint_model, planned_input
 
 __all__ = ["export_model"]
 
@@ -130,12 +135,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="training resolution, if not 224")
     parser.add_argument("--model-args", default="{}", help="JSON dict of further model args, e.g. kernel_type")
     parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy logit check")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors", help="output format")
+    parser.add_argument(
+        "--long-conv", choices=LONG_CONV_METHODS, default="auto", help="ONNX form of the long convolution"
+    )
+    parser.add_argument(
+        "--lengths",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ONNX: add the padding-lengths input of sequence models (default: token models)",
+    )
     args = parser.parse_args(argv)
     model_args = json.loads(args.model_args)
     if not isinstance(model_args, dict):
         parser.error(f"--model-args must be a JSON object, got {args.model_args!r}")
     if args.img_size is not None:
         model_args["img_size"] = args.img_size
+    if args.format == "onnx":
+        if args.form != "deploy":
+            parser.error("--format onnx exports the deploy form only (a train-form checkpoint is reparameterized)")
+        _main_onnx(args, model_args)
+        return
     model, error = export_model(
         args.model,
         args.checkpoint,
@@ -151,6 +171,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     if error is not None:
         print(f"train vs deploy form logits on random images: relative difference {error:.2e}")
+
+
+def _main_onnx(args: argparse.Namespace, model_args: dict[str, Any]) -> None:
+    model = load_checkpoint_model(args.model, args.checkpoint, use_ema=not args.no_ema, model_args=model_args)
+    path, error = export_onnx(
+        model,
+        Path(args.output) / "model.onnx",
+        method=args.long_conv,
+        lengths=args.lengths,
+        metadata=dict(model=args.model, checkpoint=Path(args.checkpoint).name),
+        verify=not args.no_verify,
+    )
+    size = planned_input(model)
+    size = f"img_size {size['img_size']}" if "img_size" in size else f"seq_len {size['seq_len']}"
+    print(f"wrote {path}: {args.model}, deploy form, {size}, dynamic batch")
+    if error is not None:
+        print(f"onnxruntime vs PyTorch logits on random inputs: max relative error {error:.2e}")
 
 
 if __name__ == "__main__":

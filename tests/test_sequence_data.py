@@ -18,8 +18,8 @@ from mrconvnext.data import (
     Pathfinder,
     SpeechCommands,
     create_dataset,
-    generate_listops,
 )
+from mrconvnext.data.listops_generator import generate_listops
 
 from .sequence_fixtures import (
     write_aan,

@@ -11,7 +11,6 @@ from torch.utils.data import Dataset
 
 from .common import SPLITS, DataFormatError
 from .images import CifarSequences
-from .listops_generator import generate_listops
 from .lra import LISTOPS_VOCAB, AanRetrieval, ImdbText, ListOps, Pathfinder
 from .speech import SPEECH_COMMANDS, SpeechCommands
 
@@ -28,7 +27,6 @@ __all__ = [
     "LISTOPS_VOCAB",
     "SPEECH_COMMANDS",
     "create_dataset",
-    "generate_listops",
 ]
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx", "scifar", "speech")

@@ -1,0 +1,175 @@
+"""train_sequence.py end to end on generated ListOps and fixture Speech Commands (tiny models, CPU)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+import mrconvnext  # noqa: F401
+import train_sequence
+from mrconvnext.data import create_dataset
+from mrconvnext.data.listops_generator import generate_listops
+from mrconvnext.training import PreflightError
+
+from .sequence_fixtures import write_speech_commands
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_sequence.py")
+TINY = ["--model-kwargs", "depth=1", "embed_dim=8", "-j", "0", "--log-interval", "1"]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def listops_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("listops")
+    generate_listops(str(out), 120, 30, 50, max_depth=3, max_args=4, max_length=30, seed=1)
+    return str(out)
+
+
+def listops_args(data_dir, output, epochs=3, *extra):
+    return [
+        "--task", "listops", "--data-dir", data_dir, "--seq-len", "32", "--epochs", str(epochs), "-b", "20",
+        "--output", str(output), "--experiment", "run", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def run_script(args, timeout=600):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run_script(listops_args(listops_dir, reference, 4))
+    expected = torch.load(reference / "run" / "last.pth", weights_only=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 4)],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = killed / "run" / "checkpoints" / "epoch_0001" / "meta.json"
+    deadline = time.time() + 300
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "run" / "results.json").exists()
+    done = {name for name in os.listdir(killed / "run" / "checkpoints") if name.startswith("epoch_")}
+    assert "epoch_0004" not in done
+
+    result = run_script(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
+    assert "resumed from" in result.stderr
+    resumed = torch.load(killed / "run" / "last.pth", weights_only=True)
+    assert resumed["epoch"] == expected["epoch"] == 4
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    rows, reference_rows = read_csv(killed / "run" / "summary.csv"), read_csv(reference / "run" / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    for row, reference_row in zip(rows, reference_rows, strict=True):
+        for key in ("train_loss", "train_acc", "lr", "val_loss", "val_acc"):
+            assert float(row[key]) == pytest.approx(float(reference_row[key]), rel=1e-6), key
+    results = json.loads((killed / "run" / "results.json").read_text())
+    assert results == json.loads((reference / "run" / "results.json").read_text())
+
+    with pytest.raises(subprocess.CalledProcessError) as info:  # a finished run is not resumed silently
+        subprocess.run(
+            [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 4, "--resume", str(killed / "run"))],
+            env=env(), capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+    assert "already completed 4 of 4 epochs" in info.value.stderr
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        subprocess.run(
+            [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 5, "--resume", str(killed / "run"))],
+            env=env(), capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+    assert "was trained with --epochs 4, this run has 5" in info.value.stderr
+
+
+def test_two_processes_with_torchrun(listops_dir, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", SCRIPT]
+    result = subprocess.run(
+        [*command, *listops_args(listops_dir, tmp_path, 2)], env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    config = (run / "args.yaml").read_text()
+    assert "world_size: 2" in config and "per_process_batch: 10" in config
+    rows = read_csv(run / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["val_samples"] == "30" for r in rows)
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_acc"] == results["test_acc_reparameterized"]
+    # the test accuracy of the best checkpoint, recomputed here over all 50 test examples
+    best = torch.load(run / "model_best.pth", weights_only=True)
+    model = timm.create_model(best["arch"], **best["model_kwargs"]).eval()
+    model.load_state_dict(best["state_dict"])
+    test = create_dataset("listops", listops_dir, "test", 32)
+    x, lengths, targets = (torch.stack([torch.as_tensor(item[i]) for item in test]) for i in range(3))
+    with torch.no_grad():
+        accuracy = 100.0 * (model(x, lengths=lengths).argmax(1) == targets).double().mean().item()
+    assert results["test_acc"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_speech_zero_shot_8khz_and_scale_norm(tmp_path):
+    data = write_speech_commands(tmp_path / "sc", per_word=3)
+    args = ["--task", "speech", "--data-dir", data, "--epochs", "1", "-b", "35", "--output", str(tmp_path)]
+    run_script([*args, "--experiment", "run", "--mrconv-norm", "scale", *TINY])
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results) == {"best_epoch", "val_acc", "test_acc", "test_acc_8khz", "test_acc_reparameterized"}
+    assert results["test_acc"] == results["test_acc_reparameterized"]
+    best = torch.load(run / "model_best.pth", weights_only=True)
+    assert best["mrconv_norm"] == "scale" and best["model_kwargs"]["mrconv_kwargs"] == {"norm": "scale"}
+    model = timm.create_model(best["arch"], **best["model_kwargs"]).eval()
+    model.load_state_dict(best["state_dict"])  # strict: the scale-norm layers
+    test = create_dataset("speech", data, "test", 16000, decimate=2)
+    x, targets = torch.stack([item[0] for item in test]), torch.tensor([item[2] for item in test])
+    assert x.shape == (35, 8000, 1)
+    with torch.no_grad():
+        hits = sum((model(x[i : i + 7], rate=2).argmax(1) == targets[i : i + 7]).sum().item() for i in range(0, 35, 7))
+    assert results["test_acc_8khz"] == pytest.approx(100.0 * hits / 35, abs=1e-9)
+
+
+def test_preflight_errors_before_anything_is_written(listops_dir, tmp_path):
+    cases = [
+        (["--data-dir", str(tmp_path / "missing")], "does not exist"),
+        (["--model", "mrconv_text_base"], "'mrconv_text_base' is not a listops model"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--seq-len", "16", "--task", "image"], "--seq-len applies to the token tasks"),
+        (["-b", "500"], "120 training examples are fewer than one batch (500)"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(PreflightError) as info:
+            train_sequence.main(listops_args(listops_dir, tmp_path / "out", 1) + extra)
+        assert message in str(info.value)
+        assert not (tmp_path / "out").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "basic_train.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\t2\n")
+    result = subprocess.run(  # as a user sees it: one line naming the file, no traceback
+        [sys.executable, SCRIPT, *listops_args(str(broken), tmp_path / "out", 1)],
+        env=env(), capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "train_sequence.py: error: ListOps: missing file" in result.stderr and "basic_val.tsv" in result.stderr

@@ -93,22 +93,14 @@ def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
     results = json.loads((killed / "run" / "results.json").read_text())
     assert results == json.loads((reference / "run" / "results.json").read_text())
 
-    with pytest.raises(subprocess.CalledProcessError) as info:  # a finished run is not resumed silently
-        subprocess.run(
-            [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 4, "--resume", str(killed / "run"))],
-            env=env(), capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
-    assert "already completed 4 of 4 epochs" in info.value.stderr
-    with pytest.raises(subprocess.CalledProcessError) as info:
-        subprocess.run(
-            [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 5, "--resume", str(killed / "run"))],
-            env=env(), capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
-    assert "was trained with --epochs 4, this run has 5" in info.value.stderr
+    with pytest.raises(PreflightError, match="already completed 4 of 4 epochs"):  # not resumed silently
+        train_sequence.main(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
+    with pytest.raises(PreflightError, match="was trained with --epochs 4, this run has 5"):
+        train_sequence.main(listops_args(listops_dir, killed, 5, "--resume", str(killed / "run")))
 
 
 def test_two_processes_with_torchrun(listops_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", SCRIPT]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
     result = subprocess.run(
         [*command, *listops_args(listops_dir, tmp_path, 2)], env=env(), capture_output=True, text=True, timeout=600
     )
@@ -173,3 +165,41 @@ def test_preflight_errors_before_anything_is_written(listops_dir, tmp_path):
     )  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "train_sequence.py: error: ListOps: missing file" in result.stderr and "basic_val.tsv" in result.stderr
+
+
+def demo_lra_commands(out_dir):
+    """The recipe of ``make demo-lra`` from the Makefile, as a user's make runs it."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        lines = f.read().split("\ndemo-lra:", 1)[1].splitlines()[1:]
+    commands = []
+    for line in lines:
+        if not line.startswith("\t"):
+            break
+        command = line.strip().replace("$(DEMO_LRA)", str(out_dir)).split()
+        commands.append([sys.executable if word == "$(PY)" else word for word in command])
+    assert len(commands) == 2 and commands[1][1] == "train_sequence.py"
+    return commands
+
+
+def test_demo_lra_commands_run(tmp_path):
+    """``make demo-lra`` with one epoch instead of twelve (the full demo: test_demo_lra_beats_majority_class)."""
+    generate, train = demo_lra_commands(tmp_path)
+    subprocess.run(generate, env=env(), cwd=ROOT, check=True, capture_output=True)
+    result = subprocess.run([*train, "--epochs", "1"], env=env(), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = [p for p in (tmp_path).iterdir() if p.name != "listops-1000"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_acc"] == results["test_acc_reparameterized"]
+
+
+@pytest.mark.slow
+def test_demo_lra_beats_majority_class(tmp_path):
+    generate, train = demo_lra_commands(tmp_path)
+    subprocess.run(generate, env=env(), cwd=ROOT, check=True, capture_output=True)
+    result = subprocess.run(train, env=env(), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = [p for p in (tmp_path).iterdir() if p.name != "listops-1000"]
+    results = json.loads((run / "results.json").read_text())
+    targets = create_dataset("listops", str(tmp_path / "listops-1000"), "test", 128).targets
+    majority = 100.0 * max(targets.count(c) for c in set(targets)) / len(targets)
+    assert results["test_acc"] > 3 * majority and results["test_acc"] == results["test_acc_reparameterized"]

@@ -152,6 +152,7 @@ def bench_table4b(args, device) -> list[str]:
         timings = compare(
             {
                 "s4d": inference_fn(baseline, x, device),
+                "cached": inference_fn(cached, x, device),
                 "train": inference_fn(train_form, x, device),
                 "rep": inference_fn(deployed, x, device),
             },

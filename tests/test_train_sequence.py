@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,3 +204,55 @@ def test_demo_lra_beats_majority_class(tmp_path):
     targets = create_dataset("listops", str(tmp_path / "listops-1000"), "test", 128).targets
     majority = 100.0 * max(targets.count(c) for c in set(targets)) / len(targets)
     assert results["test_acc"] > 3 * majority and results["test_acc"] == results["test_acc_reparameterized"]
+
+
+# Table 5 (base models): lr, weight decay, batch size, epochs per task; kernel lr 0.001 throughout
+PAPER_RECIPES = {
+    "listops": (0.003, 0.05, 50, 40),
+    "text": (0.005, 0.05, 16, 32),
+    "retrieval": (0.003, 0.05, 64, 20),
+    "image": (0.0045, 0.05, 50, 200),
+    "pathfinder": (0.005, 0.03, 64, 200),
+    "pathx": (0.004, 0.03, 16, 50),
+    "scifar": (0.0045, 0.05, 50, 300),
+    "speech": (0.005, 0.05, 16, 40),
+}
+
+
+def test_readme_task_commands_resolve_the_paper_recipe_and_read_their_layout(tmp_path):
+    """Each README command, its data dir replaced by a fixture in that layout: recipe, model and readers."""
+    import re
+
+    from .sequence_fixtures import write_aan, write_cifar, write_imdb, write_pathfinder
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        commands = re.findall(r"`python train_sequence\.py (--task [^`]*)`", f.read())
+    fixtures = {
+        "listops": lambda d: generate_listops(d, 60, 10, 10, seed=2) and d,
+        "text": lambda d: os.path.join(write_imdb(d), "aclImdb"),
+        "retrieval": write_aan,
+        "image": lambda d: os.path.join(write_cifar(d, per_batch=12), "cifar-10-batches-py"),
+        "pathfinder": lambda d: os.path.join(write_pathfinder(d), "pathfinder32"),
+        "pathx": lambda d: os.path.join(write_pathfinder(d, resolution=128, images=10), "pathfinder128"),
+        "speech": lambda d: write_speech_commands(d, per_word=3),
+    }
+    fixtures["scifar"] = fixtures["image"]
+    assert sorted(command.split()[1] for command in commands) == sorted(PAPER_RECIPES)
+    for command in commands:
+        argv = command.split()
+        task = argv[1]
+        folder = tmp_path / task
+        folder.mkdir()
+        data_dir = fixtures[task](str(folder))
+        argv[argv.index("--data-dir") + 1] = data_dir
+        args = train_sequence.create_parser().parse_args(argv)
+        train_sequence.resolve_recipe(args)
+        assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == PAPER_RECIPES[task], task
+        assert args.kernel_lr == 0.001 and args.kernel_weight_decay == 0.0 and args.model == f"mrconv_{task}_base"
+        splits, checkpoint = train_sequence.preflight(args)
+        assert checkpoint is None and all(len(split) for split in splits.values()), task
+        assert ("test_8khz" in splits) == (task == "speech")
+        x, length, target = splits["train"][0]
+        cfg = timm.models.get_pretrained_cfg(args.model)
+        tokens = task in ("listops", "text", "retrieval")
+        assert 0 <= target < cfg.num_classes and x.shape[-1 if tokens else 0] == math.prod(cfg.input_size[1:]), task

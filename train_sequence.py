@@ -141,6 +141,12 @@ def resolve_recipe(args: argparse.Namespace) -> None:
 RESUME_KEYS = ("task", "model", "seq_len", "mrconv_norm", "batch_size", "epochs")
 
 
+def resume_meta(args: argparse.Namespace) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint (JSON values, as in ``meta.json``)."""
+    meta = {key: getattr(args, key) for key in RESUME_KEYS} | {"model_kwargs": model_kwargs(args)}
+    return json.loads(json.dumps(meta))
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
     """``timm.create_model`` keyword arguments of this run (also stored in the model files)."""
     kwargs = dict(args.model_kwargs)
@@ -170,19 +176,18 @@ def preflight(args: argparse.Namespace) -> tuple[dict, str | None]:
             splits["test_8khz"] = create_dataset(args.task, args.data_dir, "test", seq_len, decimate=ZERO_SHOT_RATE)
     except DataFormatError as err:
         raise PreflightError(str(err)) from err
-    num_classes = splits["train"].num_classes
-    if config.num_classes != num_classes and "num_classes" not in args.model_kwargs:
-        raise PreflightError(f"{args.model} has {config.num_classes} outputs but {args.task} has {num_classes} classes")
+    num_classes, outputs = splits["train"].num_classes, args.model_kwargs.get("num_classes", config.num_classes)
+    if outputs != num_classes:
+        raise PreflightError(f"{args.model} would have {outputs} outputs but {args.task} has {num_classes} classes")
     if not args.resume:
         return splits, None
     checkpoint = find_checkpoint(args.resume)
     with open(os.path.join(checkpoint, META_FILE)) as f:
         meta = json.load(f)
-    for key in RESUME_KEYS:
-        if meta.get(key) != getattr(args, key):
+    for key, value in resume_meta(args).items():
+        if meta.get(key) != value:
             raise PreflightError(
-                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta.get(key)}, "
-                f"this run has {getattr(args, key)}"
+                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta.get(key)}, this run has {value}"
             )
     return splits, checkpoint
 
@@ -391,7 +396,7 @@ def run(args: argparse.Namespace, splits: dict, checkpoint: str | None, accelera
             if improved:
                 atomic_torch_save(plain, os.path.join(run_dir, "model_best.pth"))
             metrics_log.append(row)
-        meta = {key: getattr(args, key) for key in RESUME_KEYS} | {"epoch": epoch + 1}
+        meta = resume_meta(args) | {"epoch": epoch + 1}
         saved = save_checkpoint(accelerator, run_dir, epoch + 1, meta, args.checkpoint_hist)
         _logger.info(
             f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, acc {row['train_acc']:.2f}, "

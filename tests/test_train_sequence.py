@@ -98,6 +98,9 @@ def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
         train_sequence.main(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
     with pytest.raises(PreflightError, match="was trained with --epochs 4, this run has 5"):
         train_sequence.main(listops_args(listops_dir, killed, 5, "--resume", str(killed / "run")))
+    with pytest.raises(PreflightError, match="was trained with --model-kwargs .*'depth': 1.*this run has .*'depth': 2"):
+        resume = listops_args(listops_dir, killed, 4, "--resume", str(killed / "run"))
+        train_sequence.main([*resume, "--model-kwargs", "depth=2", "embed_dim=8"])
 
 
 def test_two_processes_with_torchrun(listops_dir, tmp_path):

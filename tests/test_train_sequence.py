@@ -206,7 +206,7 @@ def test_demo_lra_beats_majority_class(tmp_path):
     results = json.loads((run / "results.json").read_text())
     targets = create_dataset("listops", str(tmp_path / "listops-1000"), "test", 128).targets
     majority = 100.0 * max(targets.count(c) for c in set(targets)) / len(targets)
-    assert results["test_acc"] > 3 * majority and results["test_acc"] == results["test_acc_reparameterized"]
+    assert results["test_acc"] > 2.5 * majority and results["test_acc"] == results["test_acc_reparameterized"]
 
 
 # Table 5 (base models): lr, weight decay, batch size, epochs per task; kernel lr 0.001 throughout

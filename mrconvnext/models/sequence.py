@@ -178,7 +178,6 @@ class MRConvSequenceModel(nn.Module):
         self.image_input = image_input
         self.num_features = self.head_hidden_size = embed_dim
         self.drop_rate = drop_rate
-        self.mrconv_kwargs = dict(mrconv_kwargs or {})
 
         if vocab_size is not None:
             self.encoder = nn.Embedding(vocab_size, embed_dim)

@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-slow demo selfcheck lint format benchmark gpu-check clean
+.PHONY: test test-slow demo demo-lra selfcheck lint format benchmark gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,18 @@ test-slow: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mrconvnext.demo
 
+# ListOps generated with the LRA grammar in the release's TSV layout, then a small MRConv trained on it
+DEMO_LRA ?= output/demo-lra
+demo-lra: $(VENV)/.installed
+	$(PY) -m mrconvnext.data.listops_generator $(DEMO_LRA)/listops-1000
+	$(PY) train_sequence.py --task listops --data-dir $(DEMO_LRA)/listops-1000 --seq-len 128 --model-kwargs depth=4 embed_dim=64 --epochs 12 -j 0 --output $(DEMO_LRA)
+
 selfcheck: $(VENV)/.installed
 	$(PY) -m mrconvnext.selfcheck
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/benchmark.py
+	$(PY) -m benchmarks.sequence_benchmark
 
 # on a machine with a CUDA device: the layer's equivalence tests on CUDA, then the benchmark on CUDA
 gpu-check: $(VENV)/.installed

@@ -25,17 +25,13 @@ Output directory layout (``--output/--experiment``)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import timm
@@ -58,21 +54,23 @@ import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
 from mrconvnext.evaluation import MetricSums, sample_metrics
 from mrconvnext.mrconv import MRConv
 from mrconvnext.optim import mrconv_param_groups
+from mrconvnext.training import (
+    CSV_FILE,
+    META_FILE,
+    MetricsLog,
+    PreflightError,
+    TrainState,
+    atomic_torch_save,
+    find_checkpoint,
+    save_checkpoint,
+)
 
 _logger = get_logger("train")
 
 # Stochastic depth of the ConvNeXt ImageNet-1k recipe per model size (T/S/B/L from ConvNeXt; atto and
 # nano are not in the paper: small models underfit ImageNet, so they get little or no drop path).
 DROP_PATH_BY_SIZE = {"atto": 0.0, "nano": 0.05, "tiny": 0.1, "small": 0.4, "base": 0.5, "large": 0.5}
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)$")
-META_FILE = "meta.json"
-CSV_FILE = "summary.csv"
 EVAL_KEYS = ("loss", "top1", "top5", "samples")
-
-
-class PreflightError(ValueError):
-    """A configuration or data problem detected before any training step."""
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -202,22 +200,6 @@ def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str
     return classes
 
 
-def find_checkpoint(path: str) -> str:
-    """The checkpoint folder at ``path``, or the latest complete one of the run folder ``path``."""
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        return path
-    root = os.path.join(path, CHECKPOINT_DIR)
-    found = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            match = CHECKPOINT_PATTERN.match(name)
-            if match and os.path.isfile(os.path.join(root, name, META_FILE)):
-                found.append((int(match.group(1)), os.path.join(root, name)))
-    if not found:
-        raise PreflightError(f"--resume {path!r}: no complete checkpoint (a folder with {META_FILE}) found there")
-    return max(found)[1]
-
-
 def preflight(args: argparse.Namespace) -> str | None:
     """Check model, batch, data and resume checkpoint before anything is built; returns the checkpoint."""
     if not timm.is_model(args.model):
@@ -275,28 +257,6 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
         return args.lr
     ratio = global_batch / args.lr_base_size
     return args.lr_base * (ratio if args.lr_base_scale == "linear" else math.sqrt(ratio))
-
-
-@dataclass
-class TrainState:
-    """Loop counters saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
-
-    epoch: int = 0  # epochs completed
-    best_top1: float = -1.0
-    best_epoch: int = -1
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-def atomic_torch_save(obj: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def experiment_dir(args: argparse.Namespace) -> str:
@@ -455,54 +415,6 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, args: argparse.
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: str, epoch: int, meta: dict, keep: int) -> str:
-    """``accelerator.save_state`` into a temporary folder, renamed to ``checkpoints/epoch_NNNN`` when complete."""
-    root = os.path.join(run_dir, CHECKPOINT_DIR)
-    final = os.path.join(root, f"epoch_{epoch:04d}")
-    tmp = os.path.join(root, f".epoch_{epoch:04d}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        complete = sorted(n for n in os.listdir(root) if CHECKPOINT_PATTERN.match(n))
-        for name in complete[:-keep]:
-            shutil.rmtree(os.path.join(root, name))
-    accelerator.wait_for_everyone()
-    return final
-
-
-class MetricsLog:
-    """``summary.csv`` in the run folder (main process only); rows past ``start_epoch`` dropped on resume."""
-
-    def __init__(self, path: str, start_epoch: int) -> None:
-        self.path = path
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= start_epoch]
-            tmp = f"{path}.tmp"
-            with open(tmp, "w", newline="") as f:
-                if rows:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(rows)
-            os.replace(tmp, path)
-
-    def append(self, row: dict) -> None:
-        new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
 
 
 # ------------------------------------------------------------------------------------------------------ main

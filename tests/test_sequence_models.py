@@ -38,11 +38,14 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def small_model(bidirectional=True, kernel_type="fourier", norm="batch", prenorm=False, **kwargs):
+def small_model(
+    bidirectional=True, kernel_type="fourier", block_norm="batch", prenorm=False, combine="sum", kernel_size=4, **kwargs
+):
     torch.manual_seed(0)
-    args = dict(num_classes=3, seq_len=48, embed_dim=8, depth=2, kernel_size=4, vocab_size=11)
+    args = dict(num_classes=3, seq_len=48, embed_dim=8, depth=2, vocab_size=11)
     args.update(kwargs)
-    return MRConvSequenceModel(kernel_type=kernel_type, bidirectional=bidirectional, norm=norm, prenorm=prenorm, **args)
+    mrconv_kwargs = dict(kernel_size=kernel_size, kernel_type=kernel_type, bidirectional=bidirectional, combine=combine)
+    return MRConvSequenceModel(block_norm=block_norm, prenorm=prenorm, mrconv_kwargs=mrconv_kwargs, **args)
 
 
 def randomize_model_(model):
@@ -92,8 +95,8 @@ def test_config_matches_paper_tables(name):
 def test_parameter_counts_reproduce_paper_and_support_inferred_directions():
     """Tables 2 and 10 counts, which pin down the causal ListOps / Image / sCIFAR models."""
 
-    def count(name, **kwargs):
-        return num_params(timm.create_model(name, **kwargs))
+    def count(name, **mrconv_kwargs):
+        return num_params(timm.create_model(name, mrconv_kwargs=mrconv_kwargs))
 
     reported = [
         (("mrconv_listops_large",), {}, 661e3),  # Table 2, 2x depth
@@ -101,15 +104,19 @@ def test_parameter_counts_reproduce_paper_and_support_inferred_directions():
         (("mrconv_listops_base",), dict(kernel_type="dense", kernel_size=2048), 2.4e6),  # Table 2, dense
         (("mrconv_image_base",), dict(kernel_type="dense", kernel_size=1024), 6.3e6),  # Table 2, dense
         (("mrconv_image_base",), dict(kernel_type="fourier", kernel_size=32), 3.8e6),  # Table 2, Fourier
-        (("mrconv_scifar_base",), dict(depth=6), 3.4e6),  # Table 10
-        (("mrconv_scifar_base",), dict(depth=8), 4.6e6),
-        (("mrconv_scifar_base",), {}, 5.7e6),
     ]
     for (name,), kwargs, paper in reported:
         causal = count(name, **kwargs)
         bidirectional = count(name, bidirectional=True, **kwargs)
         assert abs(causal - paper) / paper < 0.02, (name, kwargs, causal, paper)
         assert abs(bidirectional - paper) / paper > 0.04, (name, kwargs, bidirectional, paper)
+    for depth, paper in ((6, 3.4e6), (8, 4.6e6), (10, 5.7e6)):  # Table 10
+        causal = num_params(timm.create_model("mrconv_scifar_base", depth=depth))
+        bidirectional = num_params(
+            timm.create_model("mrconv_scifar_base", depth=depth, mrconv_kwargs=dict(bidirectional=True))
+        )
+        assert abs(causal - paper) / paper < 0.02, (depth, causal, paper)
+        assert abs(bidirectional - paper) / paper > 0.04, (depth, bidirectional, paper)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,7 +169,7 @@ def test_padding_content_does_not_change_output(bidirectional, train):
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_padded_batch_matches_each_unpadded_sequence(bidirectional, norm):
     """Independent check of masking and pooling: run every sequence alone at its true length."""
-    model = small_model(bidirectional=bidirectional, norm=norm, prenorm=norm == "layer", kernel_type="dilated")
+    model = small_model(bidirectional=bidirectional, block_norm=norm, prenorm=norm == "layer", kernel_type="dilated")
     randomize_model_(model)
     model.eval()
     x = torch.randint(0, 11, (3, 48))
@@ -265,11 +272,13 @@ def _init_args(model):
         in_chans=model.in_chans,
         embed_dim=model.num_features,
         depth=len(model.blocks),
-        kernel_size=conv.kernel_size,
-        kernel_type=conv.kernel_type,
-        bidirectional=conv.bidirectional,
-        combine=conv.combine,
-        norm="batch" if isinstance(block.norm, torch.nn.BatchNorm1d) else "layer",
+        mrconv_kwargs=dict(
+            kernel_size=conv.kernel_size,
+            kernel_type=conv.kernel_type,
+            bidirectional=conv.bidirectional,
+            combine=conv.combine,
+        ),
+        block_norm="batch" if isinstance(block.norm, torch.nn.BatchNorm1d) else "layer",
         prenorm=block.prenorm,
         pair_input=model.pair_input,
         image_input=model.image_input,
@@ -284,8 +293,38 @@ def test_keyword_overrides_and_classifier_reset():
     assert model(torch.randn(2, 3, 4, 4)).shape == (2, 64)
     model.reset_classifier(7)
     assert model.get_classifier().out_features == 7
-    speech = timm.create_model("mrconv_speech_base", kernel_type="dilated", bidirectional=False, seq_len=128)
-    assert speech.blocks[0].conv.kernel_type == "dilated" and not speech.blocks[0].conv.bidirectional
+    speech = timm.create_model(
+        "mrconv_speech_base", seq_len=128, mrconv_kwargs=dict(kernel_type="dilated", bidirectional=False)
+    )
+    conv = speech.blocks[0].conv
+    assert conv.kernel_type == "dilated" and not conv.bidirectional and conv.kernel_size == 32  # the rest kept
+
+
+def test_every_mrconv_option_reaches_the_layers_and_block_norm_is_separate():
+    model = timm.create_model("mrconv_listops_base", seq_len=64, depth=2, mrconv_kwargs=dict(norm="scale"))
+
+    def keys(**norm):
+        return set(MRConv(128, 64, kernel_size=2, kernel_type="fourier", bidirectional=False, **norm).state_dict())
+
+    assert keys(norm="scale") != keys(norm="batch")
+    convs = [m for m in model.modules() if isinstance(m, MRConv)]
+    assert len(convs) == 2 and all(set(c.state_dict()) == keys(norm="scale") for c in convs)
+    assert all(isinstance(block.norm, torch.nn.BatchNorm1d) for block in model.blocks)
+    layer = timm.create_model("mrconv_listops_base", seq_len=64, depth=2, block_norm="layer")
+    assert all(set(c.state_dict()) == keys(norm="batch") for c in layer.modules() if isinstance(c, MRConv))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in layer.blocks.modules())
+    out = model(torch.randint(0, 18, (2, 64)), lengths=torch.tensor([64, 30]))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_input_checks_read_no_device_values():
+    """Range checks run only on CPU tensors: ``meta`` tensors stand in for accelerator ones (reading a value raises)."""
+    model = small_model()
+    tokens = torch.empty(2, 10, dtype=torch.long, device="meta")
+    assert model._check_input(tokens).shape == (2, 10)
+    assert model._check_lengths(torch.empty(2, dtype=torch.long, device="meta"), 2, 10).shape == (2,)
+    with pytest.raises(ValueError, match=r"lengths of shape \(2,\)"):  # shape checks still apply
+        model._check_lengths(torch.empty(3, dtype=torch.long, device="meta"), 2, 10)
 
 
 def test_pretrained_fails_clearly_and_local_weights_load(tmp_path):
@@ -334,5 +373,5 @@ def test_bad_inputs_raise_clear_errors():
         images(torch.randn(2, 1, 4, 4))
     with pytest.raises(ValueError, match="token models take one id per position"):
         MRConvSequenceModel(vocab_size=10, in_chans=3)
-    with pytest.raises(ValueError, match="unknown norm"):
-        small_model(norm="group")
+    with pytest.raises(ValueError, match="unknown block_norm"):
+        small_model(block_norm="group")

@@ -27,6 +27,7 @@ mode the padding *length* still enters BatchNorm batch statistics (as in S4), it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,16 @@ from ..mrconv import MRConv
 __all__ = ["MRConvSequenceModel", "MRConvSequenceBlock"]
 
 NORM_TYPES = ("batch", "layer")
+DEFAULT_MRCONV_KWARGS: dict[str, Any] = dict(kernel_size=8, kernel_type="fourier", bidirectional=True)
+
+
+def _host_checkable(values: torch.Tensor) -> bool:
+    """Whether the values of ``values`` can be checked without a device sync or a graph break.
+
+    Range checks read values on the host: free for CPU tensors in eager mode, a stall for accelerator tensors
+    (there an out-of-range id fails in the embedding instead) and a graph break under ``torch.compile``.
+    """
+    return values.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class ChannelsFirstLayerNorm(nn.LayerNorm):
@@ -47,12 +58,12 @@ class ChannelsFirstLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.transpose(1, 2), self.normalized_shape, self.weight, self.bias, self.eps).transpose(1, 2)
 
 
-def _create_norm(norm: str, dim: int) -> nn.Module:
-    if norm == "batch":
+def _create_norm(block_norm: str, dim: int) -> nn.Module:
+    if block_norm == "batch":
         return nn.BatchNorm1d(dim)
-    if norm == "layer":
+    if block_norm == "layer":
         return ChannelsFirstLayerNorm(dim)
-    raise ValueError(f"unknown norm {norm!r}; expected one of {list(NORM_TYPES)}")
+    raise ValueError(f"unknown block_norm {block_norm!r}; expected one of {list(NORM_TYPES)}")
 
 
 class MRConvSequenceBlock(nn.Module):
@@ -61,15 +72,11 @@ class MRConvSequenceBlock(nn.Module):
     Args:
         dim: channels ``D``.
         seq_len: training length the MRConv resolutions are planned for.
-        kernel_size: ``l_0`` of the MRConv layer.
-        kernel_type: MRConv sub-kernel parameterization.
-        bidirectional: causal or bidirectional MRConv kernels.
-        combine: ``'sum'`` (Eq. 12) or ``'concat'`` (the Path-X variant, Appendix D.2.3).
-        decay: fixed decay of ``combine='concat'``.
-        max_resolutions: optional cap on the number of MRConv resolutions.
-        norm: ``'batch'`` or ``'layer'``.
+        block_norm: the block's own norm, ``'batch'`` or ``'layer'`` (not the MRConv branch ``norm``).
         prenorm: normalize the block input (True) or the residual sum (False).
         drop_rate: dropout after the activation and on the residual branch (S4).
+        mrconv_kwargs: keyword arguments of :class:`MRConv` (``kernel_size``, ``kernel_type``, ``bidirectional``,
+            ``combine``, ``decay``, ``max_resolutions``, ``norm``, ...), passed unchanged.
         deploy: build the MRConv layer in its reparameterized form.
     """
 
@@ -77,31 +84,16 @@ class MRConvSequenceBlock(nn.Module):
         self,
         dim: int,
         seq_len: int,
-        kernel_size: int,
-        kernel_type: str = "fourier",
-        bidirectional: bool = True,
-        combine: str = "sum",
-        decay: float = 0.5,
-        max_resolutions: int | None = None,
-        norm: str = "batch",
+        block_norm: str = "batch",
         prenorm: bool = False,
         drop_rate: float = 0.0,
+        mrconv_kwargs: dict[str, Any] | None = None,
         deploy: bool = False,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
-        self.norm = _create_norm(norm, dim)
-        self.conv = MRConv(
-            dim,
-            seq_len,
-            kernel_size,
-            kernel_type=kernel_type,
-            bidirectional=bidirectional,
-            max_resolutions=max_resolutions,
-            combine=combine,
-            decay=decay,
-            deploy=deploy,
-        )
+        self.norm = _create_norm(block_norm, dim)
+        self.conv = MRConv(dim, seq_len, **{**DEFAULT_MRCONV_KWARGS, **(mrconv_kwargs or {})}, deploy=deploy)
         self.skip = nn.Parameter(torch.randn(dim))  # S4's D term
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop_rate)
@@ -145,8 +137,10 @@ class MRConvSequenceModel(nn.Module):
         in_chans: continuous input features per position (1 for token models).
         embed_dim: model width ``D``.
         depth: number of blocks.
-        kernel_size, kernel_type, bidirectional, combine, decay, max_resolutions: MRConv settings.
-        norm, prenorm, drop_rate: block settings (S4).
+        block_norm, prenorm, drop_rate: block settings (S4); ``block_norm`` is ``'batch'`` or ``'layer'``.
+        mrconv_kwargs: keyword arguments of every :class:`MRConv` (``kernel_size``, ``kernel_type``,
+            ``bidirectional``, ``combine``, ``decay``, ``max_resolutions``, ``norm`` ('batch' or 'scale'), ...);
+            unset ones default to ``DEFAULT_MRCONV_KWARGS``, then to MRConv's defaults.
         pair_input: two documents per example and the retrieval head.
         image_input: accept ``(B, C, H, W)`` images.
         deploy: build every MRConv in its reparameterized form (to load deployed weights).
@@ -160,17 +154,12 @@ class MRConvSequenceModel(nn.Module):
         in_chans: int = 1,
         embed_dim: int = 128,
         depth: int = 4,
-        kernel_size: int = 8,
-        kernel_type: str = "fourier",
-        bidirectional: bool = True,
-        combine: str = "sum",
-        decay: float = 0.5,
-        max_resolutions: int | None = None,
-        norm: str = "batch",
+        block_norm: str = "batch",
         prenorm: bool = False,
         drop_rate: float = 0.0,
         pair_input: bool = False,
         image_input: bool = False,
+        mrconv_kwargs: dict[str, Any] | None = None,
         deploy: bool = False,
     ) -> None:
         super().__init__()
@@ -199,21 +188,16 @@ class MRConvSequenceModel(nn.Module):
                 MRConvSequenceBlock(
                     embed_dim,
                     seq_len,
-                    kernel_size,
-                    kernel_type=kernel_type,
-                    bidirectional=bidirectional,
-                    combine=combine,
-                    decay=decay,
-                    max_resolutions=max_resolutions,
-                    norm=norm,
+                    block_norm=block_norm,
                     prenorm=prenorm,
                     drop_rate=drop_rate,
+                    mrconv_kwargs=mrconv_kwargs,
                     deploy=deploy,
                 )
                 for _ in range(depth)
             ]
         )
-        self.norm = _create_norm(norm, embed_dim) if prenorm else nn.Identity()
+        self.norm = _create_norm(block_norm, embed_dim) if prenorm else nn.Identity()
         if pair_input:  # S4 RetrievalHead(nli=True): features [x1, x2, x1 - x2, x1 * x2]
             self.pre_logits = nn.Sequential(nn.Linear(4 * embed_dim, embed_dim), nn.ReLU())
         else:
@@ -247,7 +231,7 @@ class MRConvSequenceModel(nn.Module):
                 raise ValueError(f"{name} expects token ids of shape {layout}, got shape {tuple(x.shape)}")
             if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
                 raise TypeError(f"{name} expects integer token ids {layout}, got dtype {x.dtype}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+            if _host_checkable(x) and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
                 raise ValueError(
                     f"{name} expects token ids in [0, {self.vocab_size}), got values in [{int(x.min())}, {int(x.max())}]"
                 )
@@ -274,7 +258,7 @@ class MRConvSequenceModel(nn.Module):
             raise TypeError(f"{name} expects integer lengths, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != shape:
             raise ValueError(f"{name} expects lengths of shape {shape}, got {tuple(lengths.shape)}")
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+        if _host_checkable(lengths) and lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
             raise ValueError(
                 f"{name} expects 1 <= lengths <= L={seq_len}, got values in [{int(lengths.min())}, {int(lengths.max())}]"
             )
@@ -359,7 +343,7 @@ class MRConvSequenceModel(nn.Module):
 #   in Table 6, gives 12 resolutions and 332K. The registered config keeps Table 5's l_0 = 2.
 # * Bidirectional Text, Retrieval, Pathfinder, Path-X, Speech Commands: no reported counts pin
 #   these down; the S4 recipes use bidirectional layers for all of them, and Path-X/Pathfinder need
-#   whole-image context. Override with `bidirectional=False` if needed.
+#   whole-image context. Override with `mrconv_kwargs=dict(bidirectional=False)` if needed.
 _TASKS = {
     "listops": dict(seq_len=2048, vocab_size=18, num_classes=10),
     "text": dict(seq_len=4096, vocab_size=129, num_classes=2),
@@ -371,44 +355,47 @@ _TASKS = {
     "speech": dict(seq_len=16000, in_chans=1, num_classes=35),
 }
 
-_BN_PRE = dict(norm="batch", prenorm=True, bidirectional=True)
-_BN_POST_CAUSAL = dict(norm="batch", prenorm=False, bidirectional=False)
-_LN_POST_CAUSAL = dict(norm="layer", prenorm=False, bidirectional=False)
-_PATHX = dict(combine="concat", decay=0.5)  # Appendix D.2.3: concatenated sub-kernels, fixed decay
 
+def _recipe_args(
+    kernel_type: str,
+    depth: int,
+    embed_dim: int,
+    kernel_size: int,
+    bidirectional: bool,
+    block_norm: str,
+    prenorm: bool,
+    drop_rate: float,
+    **mrconv: Any,
+) -> dict[str, Any]:
+    """Model arguments from one row of Tables 5/6 (their column order); ``mrconv``: further MRConv options."""
+    return dict(
+        depth=depth,
+        embed_dim=embed_dim,
+        block_norm=block_norm,
+        prenorm=prenorm,
+        drop_rate=drop_rate,
+        mrconv_kwargs=dict(kernel_type=kernel_type, kernel_size=kernel_size, bidirectional=bidirectional, **mrconv),
+    )
+
+
+_PATHX = dict(combine="concat", decay=0.5)  # Appendix D.2.3: concatenated sub-kernels, fixed decay
 _MODEL_ARGS = {
-    # base: Table 5
-    "listops_base": dict(
-        kernel_type="fourier", depth=8, embed_dim=128, kernel_size=2, drop_rate=0.05, **_BN_POST_CAUSAL
-    ),
-    "text_base": dict(kernel_type="fourier", depth=6, embed_dim=256, kernel_size=1, drop_rate=0.05, **_BN_PRE),
-    "retrieval_base": dict(kernel_type="fourier", depth=6, embed_dim=256, kernel_size=1, drop_rate=0.05, **_BN_PRE),
-    "image_base": dict(kernel_type="dilated", depth=6, embed_dim=512, kernel_size=8, drop_rate=0.1, **_LN_POST_CAUSAL),
-    "pathfinder_base": dict(
-        kernel_type="fourier_sparse", depth=6, embed_dim=256, kernel_size=16, drop_rate=0.1, **_BN_PRE
-    ),
-    "pathx_base": dict(
-        kernel_type="fourier", depth=6, embed_dim=256, kernel_size=64, drop_rate=0.0, **_BN_PRE, **_PATHX
-    ),
-    "scifar_base": dict(
-        kernel_type="dilated", depth=10, embed_dim=512, kernel_size=8, drop_rate=0.2, **_LN_POST_CAUSAL
-    ),
-    "speech_base": dict(kernel_type="fourier", depth=6, embed_dim=128, kernel_size=32, drop_rate=0.1, **_BN_PRE),
+    # base: Table 5 (kernel type, depth, features, l_0, bidirectional, block norm, prenorm, dropout)
+    "listops_base": _recipe_args("fourier", 8, 128, 2, False, "batch", False, 0.05),
+    "text_base": _recipe_args("fourier", 6, 256, 1, True, "batch", True, 0.05),
+    "retrieval_base": _recipe_args("fourier", 6, 256, 1, True, "batch", True, 0.05),
+    "image_base": _recipe_args("dilated", 6, 512, 8, False, "layer", False, 0.1),
+    "pathfinder_base": _recipe_args("fourier_sparse", 6, 256, 16, True, "batch", True, 0.1),
+    "pathx_base": _recipe_args("fourier", 6, 256, 64, True, "batch", True, 0.0, **_PATHX),
+    "scifar_base": _recipe_args("dilated", 10, 512, 8, False, "layer", False, 0.2),
+    "speech_base": _recipe_args("fourier", 6, 128, 32, True, "batch", True, 0.1),
     # large: Table 6
-    "listops_large": dict(
-        kernel_type="fourier", depth=16, embed_dim=128, kernel_size=1, drop_rate=0.05, **_BN_POST_CAUSAL
-    ),
-    "text_large": dict(kernel_type="fourier_sparse", depth=6, embed_dim=384, kernel_size=1, drop_rate=0.1, **_BN_PRE),
-    "retrieval_large": dict(kernel_type="fourier", depth=6, embed_dim=384, kernel_size=1, drop_rate=0.0, **_BN_PRE),
-    "image_large": dict(
-        kernel_type="dilated", depth=10, embed_dim=512, kernel_size=8, drop_rate=0.2, **_LN_POST_CAUSAL
-    ),
-    "pathfinder_large": dict(
-        kernel_type="fourier_sparse", depth=12, embed_dim=256, kernel_size=32, drop_rate=0.05, **_BN_PRE
-    ),
-    "pathx_large": dict(
-        kernel_type="fourier", depth=12, embed_dim=256, kernel_size=64, drop_rate=0.0, **_BN_PRE, **_PATHX
-    ),
+    "listops_large": _recipe_args("fourier", 16, 128, 1, False, "batch", False, 0.05),
+    "text_large": _recipe_args("fourier_sparse", 6, 384, 1, True, "batch", True, 0.1),
+    "retrieval_large": _recipe_args("fourier", 6, 384, 1, True, "batch", True, 0.0),
+    "image_large": _recipe_args("dilated", 10, 512, 8, False, "layer", False, 0.2),
+    "pathfinder_large": _recipe_args("fourier_sparse", 12, 256, 32, True, "batch", True, 0.05),
+    "pathx_large": _recipe_args("fourier", 12, 256, 64, True, "batch", True, 0.0, **_PATHX),
 }
 
 
@@ -487,9 +474,11 @@ default_cfgs = generate_default_cfgs(
 
 
 def _model(name: str, pretrained: bool, kwargs: dict) -> MRConvSequenceModel:
+    """The registered config, overridden by ``kwargs``; ``mrconv_kwargs`` update the config's MRConv options."""
     task = name.rsplit("_", 1)[0]
-    model_args = {**_TASKS[task], **_MODEL_ARGS[name]}
-    return _create_mrconv_sequence(f"mrconv_{name}", pretrained=pretrained, **dict(model_args, **kwargs))
+    model_args = {**_TASKS[task], **_MODEL_ARGS[name], **kwargs}
+    model_args["mrconv_kwargs"] = {**_MODEL_ARGS[name]["mrconv_kwargs"], **(kwargs.get("mrconv_kwargs") or {})}
+    return _create_mrconv_sequence(f"mrconv_{name}", pretrained=pretrained, **model_args)
 
 
 @register_model

@@ -1,0 +1,43 @@
+"""Shared pieces of the sequence-task readers: the error type, split names, token padding."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+class DataFormatError(ValueError):
+    """A data file or folder is missing or does not have the layout of the public release."""
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+
+
+def find_dir(root: str, child: str, what: str, layout: str, source: str) -> str:
+    """``root/child`` if it exists, else ``root`` itself when it already is that folder (its name is ``child``)."""
+    if not os.path.isdir(root):
+        raise DataFormatError(f"{what}: data directory {root!r} does not exist; expected {layout} (from {source})")
+    nested = os.path.join(root, child)
+    if os.path.isdir(nested):
+        return nested
+    return root
+
+
+def require_file(path: str, what: str, layout: str, source: str) -> str:
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{what}: missing file {path!r}; expected {layout} (from {source})")
+    return path
+
+
+def pad_tokens(ids: Sequence[int], length: int) -> tuple[torch.Tensor, int]:
+    """``ids`` cut to ``length`` and right-padded with 0 (the padding id), with the true length (at least 1)."""
+    ids = list(ids[:length]) or [0]
+    out = torch.zeros(length, dtype=torch.long)
+    out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out, len(ids)

@@ -55,6 +55,7 @@ from timm.utils import ModelEmaV3, ParseKwargs
 from tqdm.auto import tqdm
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
+from mrconvnext import transforms as mrconvnext_transforms
 from mrconvnext.evaluation import MetricSums, sample_metrics
 from mrconvnext.mrconv import MRConv
 from mrconvnext.optim import mrconv_param_groups
@@ -319,13 +320,10 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     )
 
 
-def create_loaders(
-    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
-    train_transform = create_transform(
+def create_train_transform(args: argparse.Namespace, data_config: dict):
+    """The recipe's training augmentation: random resized crop, flip, RandAugment, random erasing (timm)."""
+    return mrconvnext_transforms.create_train_transform(
         data_config["input_size"],
-        is_training=True,
         scale=args.scale,
         ratio=args.ratio,
         hflip=args.hflip,
@@ -339,6 +337,13 @@ def create_loaders(
         re_mode=args.remode,
         re_count=args.recount,
     )
+
+
+def create_loaders(
+    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
+    train_transform = create_train_transform(args, data_config)
     eval_transform = create_transform(**data_config, is_training=False)
     train_set = create_dataset(
         args.dataset, root=args.data_dir, split=args.train_split, is_training=True, transform=train_transform

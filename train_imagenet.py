@@ -49,6 +49,7 @@ from accelerate.utils.imports import is_tensorboard_available
 from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
 from timm.data.readers import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_arch_name, is_model_in_modules, resolve_model_input_args
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
@@ -62,9 +63,20 @@ from mrconvnext.optim import mrconv_param_groups
 
 _logger = get_logger("train")
 
-# Stochastic depth of the ConvNeXt ImageNet-1k recipe per model size (T/S/B/L from ConvNeXt; atto and
-# nano are not in the paper: small models underfit ImageNet, so they get little or no drop path).
-DROP_PATH_BY_SIZE = {"atto": 0.0, "nano": 0.05, "tiny": 0.1, "small": 0.4, "base": 0.5, "large": 0.5}
+# Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
+# commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop
+# path). Other models keep their own default.
+RECIPE_DROP_PATH = {
+    "convnext_tiny": 0.1,
+    "convnext_small": 0.4,
+    "convnext_base": 0.5,
+    "convnext_large": 0.5,
+    "mrconvnext_atto": 0.0,
+    "mrconvnext_nano": 0.05,
+    "mrconvnext_tiny": 0.1,
+    "mrconvnext_small": 0.4,
+    "mrconvnext_base": 0.5,
+}
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)$")
 META_FILE = "meta.json"
@@ -97,9 +109,11 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mrconvnext_tiny")
-    group.add_argument("--drop-path", type=float, default=None, help="default: per model size (recipe table)")
+    group.add_argument("--drop-path", type=float, default=None, help="default: recipe value per architecture")
     group.add_argument("--drop", type=float, default=0.0, help="head dropout")
-    group.add_argument("--layer-scale-init-value", type=float, default=1e-6)
+    group.add_argument(
+        "--layer-scale-init-value", type=float, default=None, help="ls_init_value (default: model's; ConvNeXt 1e-6)"
+    )
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
 
     group = parser.add_argument_group("optimizer")
@@ -145,7 +159,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixup-switch-prob", type=float, default=0.5)
     group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
     group.add_argument("--smoothing", type=float, default=0.1)
-    group.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (ConvNeXt: optional)")
+    group.add_argument(
+        "--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights"
+    )
     group.add_argument("--model-ema-decay", type=float, default=0.9999)
 
     group = parser.add_argument_group("run")
@@ -255,11 +271,11 @@ def preflight(args: argparse.Namespace) -> str | None:
 # -------------------------------------------------------------------------------------------------- helpers
 
 
-def resolve_drop_path(args: argparse.Namespace) -> float:
-    """``--drop-path``, else the recipe value for the model size named in ``--model`` (0 if unknown)."""
+def resolve_drop_path(args: argparse.Namespace) -> float | None:
+    """``--drop-path``, else the recipe value of the model's architecture (None: the model's own default)."""
     if args.drop_path is not None:
         return args.drop_path
-    return DROP_PATH_BY_SIZE.get(args.model.rsplit("_", 1)[-1], 0.0)
+    return RECIPE_DROP_PATH.get(get_arch_name(args.model))
 
 
 def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
@@ -268,6 +284,32 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
         return args.lr
     ratio = global_batch / args.lr_base_size
     return args.lr_base * (ratio if args.lr_base_scale == "linear" else math.sqrt(ratio))
+
+
+def describe_lr(args: argparse.Namespace, global_batch: int, lr: float) -> str:
+    """Where the peak learning rate comes from, for the log."""
+    if args.lr is not None:
+        return f"lr {lr:.3e} (--lr)"
+    ratio = f"global batch {global_batch} / --lr-base-size {args.lr_base_size}"
+    scaled = ratio if args.lr_base_scale == "linear" else f"sqrt({ratio})"
+    return f"lr {lr:.3e} = --lr-base {args.lr_base} x {scaled} ({args.lr_base_scale})"
+
+
+def schedule_warnings(args: argparse.Namespace, num_epochs: int, total_updates: int) -> list[str]:
+    """Settings under which a (short) run cannot learn what the flags suggest."""
+    warnings = []
+    if args.warmup_epochs >= num_epochs:
+        warnings.append(
+            f"--warmup-epochs {args.warmup_epochs} >= --epochs {num_epochs}: the lr rises from --warmup-lr "
+            f"{args.warmup_lr} for the whole run and never reaches its peak; lower --warmup-epochs for a short run"
+        )
+    if args.model_ema and total_updates * (1 - args.model_ema_decay) < 1:
+        warnings.append(
+            f"--model-ema-decay {args.model_ema_decay} averages over about {1 / (1 - args.model_ema_decay):.0f} "
+            f"updates but the run has {total_updates}: the EMA weights (state_dict_ema, which timm loads first) "
+            "stay close to the initial ones; lower --model-ema-decay or pass --no-model-ema for a short run"
+        )
+    return warnings
 
 
 @dataclass
@@ -305,19 +347,21 @@ def experiment_dir(args: argparse.Namespace) -> str:
 
 
 def create_model(args: argparse.Namespace) -> nn.Module:
-    """``timm.create_model`` with the recipe's drop path and layer scale; MRConvNeXt models also get
-    ``img_size`` so their kernels are planned for the training sequence lengths."""
-    kwargs = dict(args.model_kwargs)
-    kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
-    if args.model in timm.list_models(module="mrconvnext"):
-        kwargs.setdefault("img_size", args.img_size)
-    return timm.create_model(
-        args.model,
+    """``timm.create_model`` with the recipe's drop path; arguments left at None keep the model's defaults.
+
+    Models built for one input size get ``img_size=--img-size``: MRConvNeXt (its kernels are planned for the
+    training sequence lengths) and the models whose pretrained cfg has ``fixed_input_size`` (timm's rule).
+    """
+    kwargs = dict(
         num_classes=args.num_classes,
         drop_rate=args.drop,
         drop_path_rate=resolve_drop_path(args),
-        **kwargs,
+        ls_init_value=args.layer_scale_init_value,
     )
+    kwargs.update(args.model_kwargs)
+    if is_model_in_modules(args.model, ["mrconvnext"]):
+        kwargs.setdefault("img_size", args.img_size)
+    return timm.create_model(**resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs))
 
 
 def create_train_transform(args: argparse.Namespace, data_config: dict):
@@ -624,6 +668,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     _logger.info("run config:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
     _logger.info(f"model {args.model}: {num_params / 1e6:.2f}M parameters, {len(train_loader.dataset)} train images")
+    _logger.info(describe_lr(args, global_batch, lr) + f", {args.warmup_epochs} warmup epochs, {args.sched} schedule")
+    for warning in schedule_warnings(args, num_epochs, updates_per_epoch * num_epochs):
+        _logger.warning(f"warning: {warning}")
     if checkpoint:
         _logger.info(f"resumed from {checkpoint}: continuing at epoch {start_epoch + 1}")
 

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import AugmentOp
+from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
 import train_imagenet
 from mrconvnext.demo import make_shapes_dataset
@@ -91,6 +92,33 @@ def test_default_recipe_trains(model, data_dir, tmp_path) -> None:
     checkpoint = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and "state_dict_ema" in checkpoint
     assert "EMA top-1" in log
-    # a 2-epoch run at global batch 8: lr-base scaling gives 4e-3 * 8 / 4096 and warmup never ends; both are said
-    assert "lr 7.812e-06 = --lr-base 0.004 x global batch 8 / --lr-base-size 4096 (linear)" in log, log
-    assert "--warmup-epochs 20 >= --epochs 2" in log, log
+    # a 4-update run at global batch 8: the lr scaled to 4e-3 * 8 / 4096, a warmup that never ends and an EMA
+    # that cannot move are all said in the output
+    assert "lr 7.813e-06 = --lr-base 0.004 x global batch 8 / --lr-base-size 4096 (linear)" in log, log
+    assert "warning: --warmup-epochs 20 >= --epochs 2" in log, log
+    assert "warning: --model-ema-decay 0.9999 averages over about 10000 updates but the run has 4" in log, log
+
+
+def _model(*args: str) -> torch.nn.Module:
+    return train_imagenet.create_model(train_imagenet.create_parser().parse_args(["--data-dir", "x", *args]))
+
+
+def test_model_settings_come_from_the_model() -> None:
+    # any timm model: no ConvNeXt-only argument (ls_init_value) forced on it; its own drop path default kept
+    resnet = _model("--model", "resnet18", "--num-classes", "3")
+    assert resnet.fc.out_features == 3
+    # the recipe's stochastic depth is looked up by architecture, so a pretrained tag does not hide it
+    args = train_imagenet.create_parser().parse_args(["--data-dir", "x", "--model", "convnext_tiny.fb_in1k"])
+    assert train_imagenet.resolve_drop_path(args) == 0.1
+    args.model = "mrconvnext_small"
+    assert train_imagenet.resolve_drop_path(args) == 0.4
+    # MRConvNeXt kernels planned for --img-size, also when the name carries a pretrained tag
+    tagged = [name for name in get_arch_pretrained_cfgs("mrconvnext_atto") if split_model_name_tag(name)[1]]
+    assert tagged, "mrconvnext_atto has no tagged pretrained cfg"
+    for name in ("mrconvnext_atto", *tagged):
+        model = _model("--model", name, "--img-size", "64", "--num-classes", "2")
+        assert model.img_size == (64, 64), name
+        assert [cfg["seq_len"] for cfg in model.mrconv_cfgs] == [256, 64, 16, 4], name
+    # the layer-scale init is the model's own (ConvNeXt: 1e-6) unless the flag sets it
+    model = _model("--model", "mrconvnext_atto", "--img-size", "32", "--layer-scale-init-value", "0.5")
+    assert torch.all(model.stages[0].blocks[0].gamma == 0.5)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torchvision.transforms as T
 from PIL import Image, ImageOps
-from timm.data import create_transform
 from timm.data import auto_augment as timm_auto_augment
+from timm.data import create_transform
 
 __all__ = ["create_train_transform", "posterize"]
 

@@ -52,6 +52,7 @@ from timm.utils import ParseKwargs, natural_key, reparameterize_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mrconvnext import checkpoints
 from mrconvnext.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
 from mrconvnext.models.mrconvnext import checkpoint_filter_fn
 
@@ -169,22 +170,11 @@ def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def checkpoint_metadata(path: str) -> dict:
-    """``num_classes`` / ``img_size`` a training run saved with its weights: top-level keys (this project's
-    training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        return {}
+    """``num_classes`` / ``img_size`` saved with a checkpoint's weights (see :func:`mrconvnext.checkpoints.checkpoint_metadata`)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise UsageError(f"cannot read checkpoint {path!r}: {e}") from e
-    if not isinstance(checkpoint, dict):
-        return {}
-    saved = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else {}
-    saved = {**saved, **checkpoint}
-    return {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
+        return checkpoints.checkpoint_metadata(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
 
 
 def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained: bool) -> tuple[nn.Module, dict]:

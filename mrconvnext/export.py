@@ -24,6 +24,7 @@ from timm.layers import to_2tuple
 from timm.models import load_state_dict, split_model_name_tag
 from timm.models._hub import save_for_hf
 
+from .checkpoints import checkpoint_metadata
 from .models.mrconvnext import MRConvNeXt
 
 __all__ = ["export_model"]
@@ -61,8 +62,9 @@ def export_model(
 
     ``deploy=True`` reparameterizes every MRConv; ``deploy=False`` keeps the train form, which is what
     the models' default Hub cfgs expect (``pretrained=True`` then gives a fine-tunable model and
-    ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint;
-    ``model_args`` (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model.
+    ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint, and
+    ``img_size`` too when a training script recorded it; ``model_args`` (``img_size``, ``kernel_type``,
+    ``mrconv_kwargs``, ...) must match the trained model.
     Returns the model and, for a deploy export of a train-form checkpoint with ``verify``, the relative
     difference between both forms' logits (nothing is written if it exceeds ``tolerance``).
     """
@@ -71,6 +73,9 @@ def export_model(
     state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)  # weights_only / safetensors, prefixes removed
     model_args = dict(model_args or {})
     model_args.pop("deploy", None)
+    recorded_size = checkpoint_metadata(checkpoint).get("img_size")
+    if recorded_size is not None:
+        model_args.setdefault("img_size", recorded_size)
     head = state_dict.get("head.fc.weight")
     num_classes = head.shape[0] if head is not None else 0
     stem = state_dict.get("stem.0.weight")
@@ -115,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy", help="reparameterized or train form")
     parser.add_argument("--no-ema", action="store_true", help="export 'state_dict' even if 'state_dict_ema' exists")
-    parser.add_argument("--img-size", type=int, default=None, help="training resolution, if not 224")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="training resolution (default: the checkpoint's, else 224)"
+    )
     parser.add_argument("--model-args", default="{}", help="JSON dict of further model args, e.g. kernel_type")
     parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy logit check")
     args = parser.parse_args(argv)

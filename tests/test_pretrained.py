@@ -6,6 +6,8 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +310,45 @@ def test_torch_hub_local(offline_hub) -> None:
     assert deploy.deploy and deploy.num_classes == 3
     with pytest.raises(RuntimeError, match="no MRConvNeXt ImageNet weights are published"):
         torch.hub.load(str(REPO), "mrconvnext_atto", source="local", pretrained=True, cache_dir=offline_hub)
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command starting with ``prefix`` (inline code), split as a shell would."""
+    readme = (REPO / "README.md").read_text()
+    commands = [c for c in re.findall(r"`([^`\n]+)`", readme) if c.startswith(prefix)]
+    assert commands, f"README shows no `{prefix} ...` command"
+    return shlex.split(commands[0])
+
+
+def test_readme_export_command_on_a_non_224_checkpoint(tmp_path) -> None:
+    """The README's export command as written, on a training checkpoint of another size: the size it records is used."""
+    command = _readme_command("python -m mrconvnext.export")
+    model_name = command[command.index("--model") + 1]
+    checkpoint, output = command[command.index("--checkpoint") + 1], command[command.index("--output") + 1]
+    model = timm.create_model(model_name, img_size=SIZE, num_classes=5).eval()
+    _randomize_model_(model, seed=4)
+    state = model.state_dict()
+    torch.save(
+        {"state_dict": state, "state_dict_ema": state, "num_classes": 5, "img_size": SIZE}, tmp_path / checkpoint
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relative difference" in result.stdout
+    deployed = timm.create_model(f"local-dir:{tmp_path / output}", pretrained=True).eval()
+    assert deployed.deploy and deployed.img_size == (SIZE, SIZE) and deployed.num_classes == 5
+    images = torch.randn(2, 3, SIZE, SIZE)
+    assert rel_err(_logits_of(deployed, images), _logits_of(model, images)) < 1e-4
+
+
+def _logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_size_mismatch_error_names_img_size(trained) -> None:
+    model = timm.create_model(NAME)  # planned for 224, the checkpoint for 64
+    with pytest.raises(RuntimeError, match=r"MRConv shapes follow img_size.*img_size=\(224, 224\)"):
+        checkpoint_filter_fn(trained[0], model)

@@ -199,6 +199,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
                 " To keep a checkpoint head of another class count, pass pretrained_cfg_overlay=dict(..., "
                 "num_classes=N); to replace it, pass num_classes= to create_model."
             )
+        if any(".conv_dw." in k for k in missing + unexpected + mismatched):
+            hint += (
+                " MRConv shapes follow img_size, kernel_sizes, kernel_type and max_resolutions: create the model "
+                f"with the values the checkpoint was trained with (this one has img_size={model.img_size})."
+            )
         if form == "train" and any(k.endswith("conv_dw.weight") and state_dict[k].ndim < 4 for k in unexpected):
             hint += " The checkpoint looks reparameterized: create the model with deploy=True to load it."
         raise RuntimeError(

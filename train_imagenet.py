@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import logging
 import math
@@ -193,7 +194,8 @@ def _has_image(folder: str) -> bool:
     return False
 
 
-def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str]:
+def _check_image_folder(data_dir: str, split: str) -> list[str]:
+    """The class folders of ``data_dir/split``; raises unless every one holds images."""
     split_dir = os.path.join(data_dir, split)
     if not os.path.isdir(split_dir):
         raise PreflightError(
@@ -203,11 +205,6 @@ def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str
     empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
     if len(empty) == len(classes):
         raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
-    if len(classes) != num_classes:
-        raise PreflightError(
-            f"{split_dir!r} has {len(classes)} class folders but --num-classes is {num_classes}; "
-            f"pass --num-classes {len(classes)} or fix the folder layout"
-        )
     if empty:
         raise PreflightError(f"class folders without images in {split_dir!r}: {', '.join(empty[:5])}")
     return classes
@@ -232,7 +229,7 @@ def find_checkpoint(path: str) -> str:
 def preflight(args: argparse.Namespace) -> str | None:
     """Check model, batch, data and resume checkpoint before anything is built; returns the checkpoint."""
     if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
     if args.batch_size % args.grad_accum_steps:
@@ -247,20 +244,30 @@ def preflight(args: argparse.Namespace) -> str | None:
     if not os.listdir(args.data_dir):
         raise PreflightError(f"data directory {args.data_dir!r} is empty")
     if not args.dataset:
-        train_classes = _check_image_folder(args.data_dir, args.train_split, args.num_classes)
-        val_classes = _check_image_folder(args.data_dir, args.val_split, args.num_classes)
-        if train_classes != val_classes:
+        train_classes = _check_image_folder(args.data_dir, args.train_split)
+        if len(train_classes) != args.num_classes:
             raise PreflightError(
-                f"class folders differ between {args.train_split!r} and {args.val_split!r}: "
-                f"{sorted(set(train_classes) ^ set(val_classes))[:5]}"
+                f"{os.path.join(args.data_dir, args.train_split)!r} has {len(train_classes)} class folders but "
+                f"--num-classes is {args.num_classes}; pass --num-classes {len(train_classes)} or fix the folder layout"
             )
+        val_classes = _check_image_folder(args.data_dir, args.val_split)
+        for split, lacking in (
+            (args.val_split, sorted(set(train_classes) - set(val_classes))),
+            (args.train_split, sorted(set(val_classes) - set(train_classes))),
+        ):
+            if lacking:
+                other = args.train_split if split == args.val_split else args.val_split
+                raise PreflightError(
+                    f"{split!r} lacks class folders that {other!r} has: {', '.join(lacking[:5])}"
+                    f"{' ...' if len(lacking) > 5 else ''} (in {args.data_dir!r}); both splits need the same classes"
+                )
     if not args.resume:
         return None
     checkpoint = find_checkpoint(args.resume)
     with open(os.path.join(checkpoint, META_FILE)) as f:
         meta = json.load(f)
-    for key in ("model", "num_classes"):
-        if meta[key] != getattr(args, key):
+    for key in ("model", "num_classes", "img_size"):
+        if key in meta and meta[key] != getattr(args, key):
             raise PreflightError(
                 f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta[key]}, "
                 f"this run has {getattr(args, key)}"
@@ -642,7 +649,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_loss_fn = nn.CrossEntropyLoss()
 
     if checkpoint:
-        accelerator.load_state(checkpoint)  # last: restores RNG states as they were when it was saved
+        try:
+            accelerator.load_state(checkpoint)  # last: restores RNG states as they were when it was saved
+        except Exception as e:  # truncated or foreign files (safetensors raises its own error type)
+            raise PreflightError(f"cannot load checkpoint {checkpoint!r}: {type(e).__name__}: {e}") from e
     start_epoch = state.epoch
     if start_epoch >= args.epochs:
         raise PreflightError(f"--resume {checkpoint!r} already completed {start_epoch} of {args.epochs} epochs")

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,38 @@ def test_sample_metrics_agree_with_timm_accuracy() -> None:
     assert sums.count == 37
     assert summary["top1"] == pytest.approx(top1.item()) and summary["top5"] == pytest.approx(top5.item())
     assert summary["loss"] == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- user errors
+
+
+def _validate(capsys, caplog, argv: list[str]) -> tuple[int, list[dict], str]:
+    """Exit status, result rows, and stderr plus the log."""
+    caplog.clear()
+    status = validate.main(argv)
+    captured = capsys.readouterr()
+    return status, [json.loads(line) for line in captured.out.splitlines()], captured.err + caplog.text
+
+
+def test_validate_suggests_close_model_names(capsys, caplog, data_root, checkpoint) -> None:
+    status, _, err = _validate(capsys, caplog, _argv(data_root, checkpoint, "--model", "mrconvnext_atoo"))
+    assert status == 1 and "unknown model 'mrconvnext_atoo' (similar registered models: mrconvnext_atto" in err
+
+
+def test_validate_warns_about_another_eval_size(capsys, caplog, data_root, checkpoint) -> None:
+    status, rows, err = _validate(capsys, caplog, _argv(data_root, checkpoint, "--img-size", "48"))
+    assert status == 0 and rows[0]["img_size"] == 48
+    assert f"evaluating at 48 x 48 a model planned for {IMG_SIZE} x {IMG_SIZE}" in err
+
+
+def test_validate_does_not_count_unreadable_images(capsys, caplog, tmp_path, data_root, checkpoint) -> None:
+    clean = _validate(capsys, caplog, _argv(data_root, checkpoint))[1][0]
+    shutil.copytree(data_root, tmp_path / "data")
+    broken = tmp_path / "data" / "val" / "class3" / "img9.png"
+    broken.write_bytes((data_root / "val" / "class3" / "img0.png").read_bytes()[:60])  # truncated PNG
+    status, rows, err = _validate(capsys, caplog, _argv(tmp_path / "data", checkpoint))
+    assert status == 0 and f"skipped unreadable image {str(broken)!r}" in err
+    row = rows[0]
+    assert row["num_images"] == clean["num_images"] and row["skipped_images"] == 1
+    for key in ("top1", "top5", "loss"):
+        assert row[key] == pytest.approx(clean[key], abs=1e-6), key

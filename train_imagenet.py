@@ -251,16 +251,16 @@ def preflight(args: argparse.Namespace) -> str | None:
                 f"--num-classes is {args.num_classes}; pass --num-classes {len(train_classes)} or fix the folder layout"
             )
         val_classes = _check_image_folder(args.data_dir, args.val_split)
-        for split, lacking in (
-            (args.val_split, sorted(set(train_classes) - set(val_classes))),
-            (args.train_split, sorted(set(val_classes) - set(train_classes))),
-        ):
-            if lacking:
-                other = args.train_split if split == args.val_split else args.val_split
-                raise PreflightError(
-                    f"{split!r} lacks class folders that {other!r} has: {', '.join(lacking[:5])}"
-                    f"{' ...' if len(lacking) > 5 else ''} (in {args.data_dir!r}); both splits need the same classes"
-                )
+        if train_classes != val_classes:
+            missing = (
+                (args.val_split, sorted(set(train_classes) - set(val_classes))),
+                (args.train_split, sorted(set(val_classes) - set(train_classes))),
+            )
+            details = "; ".join(f"missing in {split!r}: {', '.join(names[:5])}" for split, names in missing if names)
+            raise PreflightError(
+                f"class folders differ between {args.train_split!r} and {args.val_split!r} in {args.data_dir!r}: "
+                f"{details}"
+            )
     if not args.resume:
         return None
     checkpoint = find_checkpoint(args.resume)

@@ -1,7 +1,8 @@
 """README.md as documentation that runs: every ```python block as written, every shell command accounted for.
 
 Python blocks are found by parsing README.md, so a block added in any section is picked up without touching
-this file. Each runs in its own process, in a working directory holding the files the README names as
+this file; a block preceded by the line ``<!-- doctest: slow -->`` runs with the slow tests (``make test-slow``)
+only. Each runs in its own process, in a working directory holding the files the README names as
 placeholders (``ckpt.pth``, ``deploy_dir/``, ``output/train/RUN/model_best.pth``, a local Hub cache with
 ``org/repo``), made here; ``path/to/mrconvnext`` is replaced by the repository root.
 
@@ -33,28 +34,30 @@ from mrconvnext.export import export_model
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PLACEHOLDERS = {"path/to/mrconvnext": str(ROOT)}
+SLOW_MARK = "<!-- doctest: slow -->"
 SHELL_LANGS = ("bash", "sh", "shell", "console")
 PROGRAMS = ("python", "python3", ".venv/bin/python", "make", "torchrun", "accelerate", "hf", "pip")
 
 
-def _blocks(text: str) -> list[tuple[int, str, str]]:
-    """``(line number, language, body)`` of every fenced code block."""
+def _blocks(text: str) -> list[tuple[int, str, str, bool]]:
+    """``(line number, language, body, marked slow)`` of every fenced code block."""
     blocks, lines, index = [], text.splitlines(), 0
     while index < len(lines):
         match = re.match(r"^(\s*)```(\w*)\s*$", lines[index])
         if match:
             indent, lang, start = match.group(1), match.group(2), index + 1
+            previous = next((line.strip() for line in reversed(lines[:index]) if line.strip()), "")
             index += 1
             while index < len(lines) and lines[index].strip() != "```":
                 index += 1
             body = "\n".join(line[len(indent) :] for line in lines[start:index])
-            blocks.append((start, lang, body))
+            blocks.append((start, lang, body, previous == SLOW_MARK))
         index += 1
     return blocks
 
 
-def python_blocks() -> list[tuple[int, str]]:
-    return [(line, body) for line, lang, body in _blocks(README.read_text()) if lang == "python"]
+def python_blocks() -> list[tuple[int, str, bool]]:
+    return [(line, body, slow) for line, lang, body, slow in _blocks(README.read_text()) if lang == "python"]
 
 
 def _without_env(command: str) -> str:
@@ -66,7 +69,7 @@ def shell_commands() -> list[str]:
     """Every shell command README.md shows (continuation lines joined, comments and console output dropped)."""
     text = README.read_text()
     commands = []
-    for _, lang, body in _blocks(text):
+    for _, lang, body, _ in _blocks(text):
         if lang not in SHELL_LANGS:
             continue
         joined = re.sub(r"\\\n\s*", "", body)
@@ -166,6 +169,8 @@ def _add_to_hf_cache(cache: Path, repo_id: str, files: Path) -> None:
 def workdir(tmp_path_factory) -> Path:
     """The placeholders the README's blocks and commands name, as real files."""
     root = tmp_path_factory.mktemp("readme")
+    for script in ("train_imagenet.py", "validate.py"):  # the README's commands run from the repository root
+        (root / script).symlink_to(ROOT / script)
     torch.manual_seed(0)
     model = timm.create_model("mrconvnext_tiny")
     state = model.state_dict()
@@ -197,7 +202,7 @@ def _env(workdir: Path) -> dict:
 
 @functools.cache
 def _run_python_block(index: int, workdir: Path) -> str:
-    _, body = python_blocks()[index]
+    _, body, _ = python_blocks()[index]
     for placeholder, value in PLACEHOLDERS.items():
         body = body.replace(placeholder, value)
     script = workdir / f"readme_block_{index}.py"
@@ -209,14 +214,20 @@ def _run_python_block(index: int, workdir: Path) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())), ids=lambda i: f"line{python_blocks()[i][0]}")
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, id=f"line{line}", marks=[pytest.mark.slow] if slow else [])
+        for i, (line, _, slow) in enumerate(python_blocks())
+    ],
+)
 def test_readme_python_block_runs(index, workdir) -> None:
     _run_python_block(index, workdir)
 
 
 def test_model_table_is_the_scripts_output(workdir) -> None:
     """The MRConvNeXt table's parameter and GMACs columns are what the README's script prints."""
-    (index,) = [i for i, (_, body) in enumerate(python_blocks()) if "FlopCounterMode" in body]
+    (index,) = [i for i, (_, body, _) in enumerate(python_blocks()) if "FlopCounterMode" in body]
     printed = re.findall(
         r"^(\S+): train ([\d.]+)M, deploy ([\d.]+)M, ([\d.]+) GMACs$", _run_python_block(index, workdir), re.M
     )
@@ -229,7 +240,7 @@ def test_model_table_is_the_scripts_output(workdir) -> None:
 READMES_RUN_HERE = [c for c in shell_commands() if _entry(c) == "here"]
 
 
-@pytest.mark.parametrize("command", READMES_RUN_HERE)
+@pytest.mark.parametrize("command", READMES_RUN_HERE, ids=[re.sub(r"\W+", "-", c)[:60] for c in READMES_RUN_HERE])
 def test_readme_command_runs(command, workdir) -> None:
     command = command.replace(".venv/bin/python", sys.executable)  # the venv `make` creates: this interpreter
     result = subprocess.run(

@@ -217,6 +217,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
 
 
 def _has_weight_source(cfg: dict[str, Any]) -> bool:
+    """Whether a pretrained cfg names any weights to load (timm's weight source keys)."""
     return any(cfg.get(key) for key in ("state_dict", "file", "url", "hf_hub_id"))
 
 
@@ -225,8 +226,8 @@ def _missing_weights_error(
 ) -> RuntimeError:
     """A ``pretrained=True`` failure that names where it looked (if anywhere) and how to load local weights."""
     if not _has_weight_source(cfg):
-        tag = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
-        problem = f"No pretrained weights exist for {tag}: no MRConvNeXt ImageNet weights are published."
+        name = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
+        problem = f"No pretrained weights exist for {name}: no MRConvNeXt ImageNet weights are published."
     else:
         if cfg.get("source") == "local-dir":
             where = f"local directory {cfg.get('file')!r}"

@@ -101,7 +101,9 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"python -m mrconvnext\.export --model \S+ --checkpoint ckpt\.pth --output deploy_dir/?$": (
         "tests/test_pretrained.py::test_readme_export_command_on_a_non_224_checkpoint",
     ),
-    r"python -m mrconvnext\.demo$": ("tests/test_install.py::test_installed_demo_runs_outside_the_repository",),
+    r"python -m (mrconvnext\.demo|train_imagenet|validate)$": (
+        "tests/test_install.py::test_installed_demo_runs_outside_the_repository",
+    ),
     r"hf upload ": "not run: uploads to the Hugging Face Hub (no network here)",
     r"accelerate config$": "not run: accelerate's interactive configuration",
     r"(accelerate launch|torchrun --nproc_per_node \d+)$": "not run: a program named in prose, full commands above",

@@ -25,6 +25,7 @@ Output directory layout (``--output/--experiment``)::
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import math
@@ -45,12 +46,14 @@ from accelerate.utils.imports import is_tensorboard_available
 from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
 from timm.data.readers import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_arch_name, is_model_in_modules, resolve_model_input_args
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 from tqdm.auto import tqdm
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
+from mrconvnext import transforms as mrconvnext_transforms
 from mrconvnext.evaluation import MetricSums, sample_metrics
 from mrconvnext.mrconv import MRConv
 from mrconvnext.optim import mrconv_param_groups
@@ -67,9 +70,20 @@ from mrconvnext.training import (
 
 _logger = get_logger("train")
 
-# Stochastic depth of the ConvNeXt ImageNet-1k recipe per model size (T/S/B/L from ConvNeXt; atto and
-# nano are not in the paper: small models underfit ImageNet, so they get little or no drop path).
-DROP_PATH_BY_SIZE = {"atto": 0.0, "nano": 0.05, "tiny": 0.1, "small": 0.4, "base": 0.5, "large": 0.5}
+# Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
+# commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop
+# path). Other models keep their own default.
+RECIPE_DROP_PATH = {
+    "convnext_tiny": 0.1,
+    "convnext_small": 0.4,
+    "convnext_base": 0.5,
+    "convnext_large": 0.5,
+    "mrconvnext_atto": 0.0,
+    "mrconvnext_nano": 0.05,
+    "mrconvnext_tiny": 0.1,
+    "mrconvnext_small": 0.4,
+    "mrconvnext_base": 0.5,
+}
 EVAL_KEYS = ("loss", "top1", "top5", "samples")
 
 
@@ -94,9 +108,11 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mrconvnext_tiny")
-    group.add_argument("--drop-path", type=float, default=None, help="default: per model size (recipe table)")
+    group.add_argument("--drop-path", type=float, default=None, help="default: recipe value per architecture")
     group.add_argument("--drop", type=float, default=0.0, help="head dropout")
-    group.add_argument("--layer-scale-init-value", type=float, default=1e-6)
+    group.add_argument(
+        "--layer-scale-init-value", type=float, default=None, help="ls_init_value (default: model's; ConvNeXt 1e-6)"
+    )
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
     group.add_argument(
         "--mrconv-norm",
@@ -148,7 +164,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixup-switch-prob", type=float, default=0.5)
     group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
     group.add_argument("--smoothing", type=float, default=0.1)
-    group.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (ConvNeXt: optional)")
+    group.add_argument(
+        "--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights"
+    )
     group.add_argument("--model-ema-decay", type=float, default=0.9999)
 
     group = parser.add_argument_group("run")
@@ -180,7 +198,8 @@ def _has_image(folder: str) -> bool:
     return False
 
 
-def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str]:
+def _check_image_folder(data_dir: str, split: str) -> list[str]:
+    """The class folders of ``data_dir/split``; raises unless every one holds images."""
     split_dir = os.path.join(data_dir, split)
     if not os.path.isdir(split_dir):
         raise PreflightError(
@@ -190,11 +209,6 @@ def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str
     empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
     if len(empty) == len(classes):
         raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
-    if len(classes) != num_classes:
-        raise PreflightError(
-            f"{split_dir!r} has {len(classes)} class folders but --num-classes is {num_classes}; "
-            f"pass --num-classes {len(classes)} or fix the folder layout"
-        )
     if empty:
         raise PreflightError(f"class folders without images in {split_dir!r}: {', '.join(empty[:5])}")
     return classes
@@ -203,14 +217,14 @@ def _check_image_folder(data_dir: str, split: str, num_classes: int) -> list[str
 def preflight(args: argparse.Namespace) -> str | None:
     """Check model, batch, data and resume checkpoint before anything is built; returns the checkpoint."""
     if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"
         )
-    if args.mrconv_norm != "batch" and args.model not in timm.list_models(module="mrconvnext"):
+    if args.mrconv_norm != "batch" and not is_model_in_modules(args.model, ["mrconvnext"]):
         raise PreflightError(f"--mrconv-norm {args.mrconv_norm} needs an MRConvNeXt model, got {args.model!r}")
     micro_batch = args.batch_size // args.grad_accum_steps
     if (args.mixup > 0 or args.cutmix > 0) and micro_batch % 2:
@@ -220,22 +234,33 @@ def preflight(args: argparse.Namespace) -> str | None:
     if not os.listdir(args.data_dir):
         raise PreflightError(f"data directory {args.data_dir!r} is empty")
     if not args.dataset:
-        train_classes = _check_image_folder(args.data_dir, args.train_split, args.num_classes)
-        val_classes = _check_image_folder(args.data_dir, args.val_split, args.num_classes)
-        if train_classes != val_classes:
+        train_classes = _check_image_folder(args.data_dir, args.train_split)
+        if len(train_classes) != args.num_classes:
             raise PreflightError(
-                f"class folders differ between {args.train_split!r} and {args.val_split!r}: "
-                f"{sorted(set(train_classes) ^ set(val_classes))[:5]}"
+                f"{os.path.join(args.data_dir, args.train_split)!r} has {len(train_classes)} class folders but "
+                f"--num-classes is {args.num_classes}; pass --num-classes {len(train_classes)} or fix the folder layout"
+            )
+        val_classes = _check_image_folder(args.data_dir, args.val_split)
+        if train_classes != val_classes:
+            missing = (
+                (args.val_split, sorted(set(train_classes) - set(val_classes))),
+                (args.train_split, sorted(set(val_classes) - set(train_classes))),
+            )
+            details = "; ".join(f"missing in {split!r}: {', '.join(names[:5])}" for split, names in missing if names)
+            raise PreflightError(
+                f"class folders differ between {args.train_split!r} and {args.val_split!r} in {args.data_dir!r}: "
+                f"{details}"
             )
     if not args.resume:
         return None
     checkpoint = find_checkpoint(args.resume)
     with open(os.path.join(checkpoint, META_FILE)) as f:
         meta = json.load(f)
-    for key, default in (("model", None), ("num_classes", None), ("mrconv_norm", "batch")):  # older runs: batch
-        if meta.get(key, default) != getattr(args, key):
+    for key, default in (("model", None), ("num_classes", None), ("img_size", None), ("mrconv_norm", "batch")):
+        saved = meta.get(key, default)  # runs saved before --mrconv-norm existed trained with BatchNorm
+        if saved is not None and saved != getattr(args, key):
             raise PreflightError(
-                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {meta.get(key, default)}, "
+                f"--resume {checkpoint!r} was trained with --{key.replace('_', '-')} {saved}, "
                 f"this run has {getattr(args, key)}"
             )
     return checkpoint
@@ -244,11 +269,11 @@ def preflight(args: argparse.Namespace) -> str | None:
 # -------------------------------------------------------------------------------------------------- helpers
 
 
-def resolve_drop_path(args: argparse.Namespace) -> float:
-    """``--drop-path``, else the recipe value for the model size named in ``--model`` (0 if unknown)."""
+def resolve_drop_path(args: argparse.Namespace) -> float | None:
+    """``--drop-path``, else the recipe value of the model's architecture (None: the model's own default)."""
     if args.drop_path is not None:
         return args.drop_path
-    return DROP_PATH_BY_SIZE.get(args.model.rsplit("_", 1)[-1], 0.0)
+    return RECIPE_DROP_PATH.get(get_arch_name(args.model))
 
 
 def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
@@ -257,6 +282,32 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
         return args.lr
     ratio = global_batch / args.lr_base_size
     return args.lr_base * (ratio if args.lr_base_scale == "linear" else math.sqrt(ratio))
+
+
+def describe_lr(args: argparse.Namespace, global_batch: int, lr: float) -> str:
+    """Where the peak learning rate comes from, for the log."""
+    if args.lr is not None:
+        return f"lr {lr:.3e} (--lr)"
+    ratio = f"global batch {global_batch} / --lr-base-size {args.lr_base_size}"
+    scaled = ratio if args.lr_base_scale == "linear" else f"sqrt({ratio})"
+    return f"lr {lr:.3e} = --lr-base {args.lr_base} x {scaled} ({args.lr_base_scale})"
+
+
+def schedule_warnings(args: argparse.Namespace, num_epochs: int, total_updates: int) -> list[str]:
+    """Settings under which a (short) run cannot learn what the flags suggest."""
+    warnings = []
+    if args.warmup_epochs >= num_epochs:
+        warnings.append(
+            f"--warmup-epochs {args.warmup_epochs} >= --epochs {num_epochs}: the lr rises from --warmup-lr "
+            f"{args.warmup_lr} for the whole run and never reaches its peak; lower --warmup-epochs for a short run"
+        )
+    if args.model_ema and total_updates * (1 - args.model_ema_decay) < 1:
+        warnings.append(
+            f"--model-ema-decay {args.model_ema_decay} averages over about {1 / (1 - args.model_ema_decay):.0f} "
+            f"updates but the run has {total_updates}: the EMA weights (state_dict_ema, which timm loads first) "
+            "stay close to the initial ones; lower --model-ema-decay or pass --no-model-ema for a short run"
+        )
+    return warnings
 
 
 def experiment_dir(args: argparse.Namespace) -> str:
@@ -272,29 +323,29 @@ def experiment_dir(args: argparse.Namespace) -> str:
 
 
 def create_model(args: argparse.Namespace) -> nn.Module:
-    """``timm.create_model`` with the recipe's drop path and layer scale; MRConvNeXt models also get
-    ``img_size`` so their kernels are planned for the training sequence lengths, and ``--mrconv-norm``."""
-    kwargs = dict(args.model_kwargs)
-    kwargs.setdefault("ls_init_value", args.layer_scale_init_value)
-    if args.model in timm.list_models(module="mrconvnext"):
-        kwargs.setdefault("img_size", args.img_size)
-        kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "norm": args.mrconv_norm}
-    return timm.create_model(
-        args.model,
+    """``timm.create_model`` with the recipe's drop path; arguments left at None keep the model's defaults.
+
+    Models built for one input size get ``img_size=--img-size``: MRConvNeXt (its kernels are planned for the
+    training sequence lengths) and the models whose pretrained cfg has ``fixed_input_size`` (timm's rule).
+    MRConvNeXt also gets ``--mrconv-norm``.
+    """
+    kwargs = dict(
         num_classes=args.num_classes,
         drop_rate=args.drop,
         drop_path_rate=resolve_drop_path(args),
-        **kwargs,
+        ls_init_value=args.layer_scale_init_value,
     )
+    kwargs.update(args.model_kwargs)
+    if is_model_in_modules(args.model, ["mrconvnext"]):
+        kwargs.setdefault("img_size", args.img_size)
+        kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "norm": args.mrconv_norm}
+    return timm.create_model(**resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs))
 
 
-def create_loaders(
-    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
-    train_transform = create_transform(
+def create_train_transform(args: argparse.Namespace, data_config: dict):
+    """The recipe's training augmentation: random resized crop, flip, RandAugment, random erasing (timm)."""
+    return mrconvnext_transforms.create_train_transform(
         data_config["input_size"],
-        is_training=True,
         scale=args.scale,
         ratio=args.ratio,
         hflip=args.hflip,
@@ -308,6 +359,13 @@ def create_loaders(
         re_mode=args.remode,
         re_count=args.recount,
     )
+
+
+def create_loaders(
+    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
+    train_transform = create_train_transform(args, data_config)
     eval_transform = create_transform(**data_config, is_training=False)
     train_set = create_dataset(
         args.dataset, root=args.data_dir, split=args.train_split, is_training=True, transform=train_transform
@@ -514,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_loss_fn = nn.CrossEntropyLoss()
 
     if checkpoint:
-        accelerator.load_state(checkpoint)  # last: restores RNG states as they were when it was saved
+        try:
+            accelerator.load_state(checkpoint)  # last: restores RNG states as they were when it was saved
+        except Exception as e:  # truncated or foreign files (safetensors raises its own error type)
+            raise PreflightError(f"cannot load checkpoint {checkpoint!r}: {type(e).__name__}: {e}") from e
     start_epoch = state.epoch
     if start_epoch >= args.epochs:
         raise PreflightError(f"--resume {checkpoint!r} already completed {start_epoch} of {args.epochs} epochs")
@@ -540,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     _logger.info("run config:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
     _logger.info(f"model {args.model}: {num_params / 1e6:.2f}M parameters, {len(train_loader.dataset)} train images")
+    _logger.info(describe_lr(args, global_batch, lr) + f", {args.warmup_epochs} warmup epochs, {args.sched} schedule")
+    for warning in schedule_warnings(args, num_epochs, updates_per_epoch * num_epochs):
+        _logger.warning(f"warning: {warning}")
     if checkpoint:
         _logger.info(f"resumed from {checkpoint}: continuing at epoch {start_epoch + 1}")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import glob
 import json
 import logging
@@ -39,7 +40,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from timm.data import ImageDataset, create_transform, resolve_input_data_config
+from timm.data import create_transform, resolve_input_data_config
 from timm.models import (
     create_model,
     is_model,
@@ -52,7 +53,8 @@ from timm.utils import ParseKwargs, natural_key, reparameterize_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mrconvnext.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
+from mrconvnext import checkpoints
+from mrconvnext.evaluation import EvalImageDataset, MetricSums, check_num_classes, find_image_folder, sample_metrics
 from mrconvnext.models.mrconvnext import checkpoint_filter_fn
 
 _logger = logging.getLogger("validate")
@@ -153,7 +155,8 @@ def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
                 raise UsageError(f"no model matches {name!r}")
             names.extend(matches)
         else:
-            similar = ", ".join(list_models(f"*{name.split('.')[0]}*")[:8]) or "none"
+            close = difflib.get_close_matches(name.split(".")[0], list_models(), n=8, cutoff=0.75)
+            similar = ", ".join(close) or "none"
             raise UsageError(f"unknown model {name!r} (similar registered models: {similar})")
     if not names:
         raise UsageError("no model given: pass --model NAME[,NAME...] or --model-list FILE")
@@ -169,25 +172,11 @@ def model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def checkpoint_metadata(path: str) -> dict:
-    """``num_classes`` / ``img_size`` / ``mrconv_norm`` a training run saved with its weights: top-level keys (this
-    project's training script) or timm ``train.py``'s ``args`` namespace. Tensors are memory-mapped, not read."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        return {}
+    """``num_classes`` / ``img_size`` / ``mrconv_norm`` saved with a checkpoint's weights (see :func:`mrconvnext.checkpoints.checkpoint_metadata`)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise UsageError(f"cannot read checkpoint {path!r}: {e}") from e
-    if not isinstance(checkpoint, dict):
-        return {}
-    saved = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else {}
-    saved = {**saved, **checkpoint}
-    meta = {k: saved[k] for k in ("num_classes", "img_size") if isinstance(saved.get(k), (int, list, tuple))}
-    if isinstance(saved.get("mrconv_norm"), str):
-        meta["mrconv_norm"] = saved["mrconv_norm"]
-    return meta
+        return checkpoints.checkpoint_metadata(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
 
 
 def build_model(args: argparse.Namespace, name: str, checkpoint: str, pretrained: bool) -> tuple[nn.Module, dict]:
@@ -259,7 +248,7 @@ def evaluate(
     amp_autocast = _amp_context(args, device)
     sums = {name: MetricSums() for name in forms}
     forward_s = dict.fromkeys(forms, 0.0)
-    max_abs_diff, mismatches, num_batches = 0.0, 0, 0
+    max_abs_diff, mismatches, num_batches, skipped = 0.0, 0, 0, 0
     warmup = torch.randn(args.batch_size, *input_size, device=device)  # untimed: compilation, allocator, caches
     if args.channels_last:
         warmup = warmup.contiguous(memory_format=torch.channels_last)
@@ -279,15 +268,21 @@ def evaluate(
                 logits[name] = model(images)
             _sync(device)
             forward_s[name] += time.perf_counter() - t0
+        readable = target >= 0  # EvalImageDataset marks unreadable images with -1
+        target = target.clamp_min(0)
         batch = {f"{name}/{k}": v for name, out in logits.items() for k, v in sample_metrics(out, target).items()}
+        batch["readable"] = readable
         if len(forms) == 2:
             first, second = (out.float() for out in logits.values())
             batch["diff/max_abs"] = (first - second).abs().amax(dim=1)
             batch["diff/top1"] = (first.argmax(dim=1) != second.argmax(dim=1)).float()
         batch = accelerator.gather_for_metrics(batch)
+        readable = batch.pop("readable")
+        skipped += int((~readable).sum().item())
+        batch = {k: v[readable] for k, v in batch.items()}
         for name in forms:
             sums[name].update({k.split("/")[1]: v for k, v in batch.items() if k.startswith(f"{name}/")})
-        if len(forms) == 2:
+        if len(forms) == 2 and len(batch["diff/top1"]):
             max_abs_diff = max(max_abs_diff, batch["diff/max_abs"].max().item())
             mismatches += int(batch["diff/top1"].sum().item())
         num_batches += 1
@@ -297,6 +292,7 @@ def evaluate(
     out = {
         "forms": {name: s.summary() for name, s in sums.items()},
         "num_images": first_sums.count,
+        "skipped_images": skipped,
         "img_per_sec": first_sums.count / elapsed,
         "batch_latency_ms": {name: 1e3 * t / num_batches for name, t in forward_s.items()},
     }
@@ -309,8 +305,15 @@ def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, 
     """Evaluate one model (and checkpoint) on ``folder``; returns the result row."""
     model, model_kwargs = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     data_config = resolve_input_data_config(model, {**vars(args), "model_kwargs": model_kwargs}, use_test_size=True)
+    planned, evaluated = getattr(model, "img_size", None), tuple(data_config["input_size"][1:])
+    if isinstance(planned, tuple) and planned != evaluated:  # MRConvNeXt: kernels planned for one feature-map width
+        _logger.warning(
+            f"warning: evaluating at {evaluated[0]} x {evaluated[1]} a model planned for {planned[0]} x {planned[1]} "
+            f"(img_size of {'the checkpoint' if checkpoint else 'the model'}); its accuracy at another size is not "
+            f"what it was trained for: pass --img-size {planned[0]} to evaluate at the training size"
+        )
     try:
-        dataset = ImageDataset(
+        dataset = EvalImageDataset(
             folder,
             class_map=args.class_map,
             input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
@@ -347,6 +350,7 @@ def validate(args: argparse.Namespace, name: str, checkpoint: str, folder: str, 
         "top5_err": round(100 - metrics["top5"], 4),
         "loss": round(metrics["loss"], 6),
         "num_images": result["num_images"],
+        "skipped_images": result["skipped_images"],
         "param_count": params[main_form],
         "img_size": data_config["input_size"][-1],
         "crop_pct": data_config["crop_pct"],

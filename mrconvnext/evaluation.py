@@ -7,11 +7,15 @@ out the last batch; every image is then counted exactly once.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
-from timm.data import get_img_extensions
+from PIL import Image
+from timm.data import ImageDataset, get_img_extensions
+
+_logger = logging.getLogger(__name__)
 
 EVAL_SPLIT_DIRS = ("val", "validation", "valid", "eval", "evaluation", "test")
 
@@ -58,6 +62,30 @@ def check_num_classes(class_to_idx: dict, num_classes: int, class_map: str = "")
             f"{num_classes} outputs; pass --num-classes {data_classes} for a checkpoint trained on this dataset, "
             "or --class-map to map folder names to the model's class indices"
         )
+
+
+class EvalImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` for evaluation: an unreadable image is reported and gets target -1 (to be left
+    out of every metric and count) instead of being silently replaced by the next image, as timm does."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        file, target = self.reader[index][:2]
+        try:
+            img = Image.open(file)
+            img = img.convert(self.input_img_mode) if self.input_img_mode else img
+            img.load()
+        except OSError as e:
+            _logger.warning(f"skipped unreadable image {self.filename(index, absolute=True)!r}: {e}")
+            img, target = Image.new(self.input_img_mode or "RGB", (1, 1)), -1
+        finally:
+            file.close()
+        if self.transform is not None:
+            img = self.transform(img)
+        if target is None:
+            target = -1
+        elif target >= 0 and self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
 
 
 def sample_metrics(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:

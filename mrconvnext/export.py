@@ -28,6 +28,7 @@ from timm.layers import to_2tuple
 from timm.models import load_state_dict, split_model_name_tag
 from timm.models._hub import save_for_hf
 
+from .checkpoints import checkpoint_metadata
 from .models.mrconvnext import MRConvNeXt
 from .onnx_export import LONG_CONV_METHODS, export_onnx, load_checkpoint_model, planned_input
 
@@ -52,14 +53,6 @@ def _verify(model_name: str, state_dict: dict[str, torch.Tensor], deployed: MRCo
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _saved_mrconv_norm(checkpoint: str | Path) -> str | None:
-    """The ``mrconv_norm`` that ``train_imagenet.py`` saves next to the weights; None for other files."""
-    if str(checkpoint).endswith(".safetensors"):
-        return None
-    saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
-    return saved.get("mrconv_norm") if isinstance(saved, dict) else None
-
-
 def export_model(
     model_name: str,
     checkpoint: str | Path,
@@ -74,9 +67,9 @@ def export_model(
 
     ``deploy=True`` reparameterizes every MRConv; ``deploy=False`` keeps the train form, which is what
     the models' default Hub cfgs expect (``pretrained=True`` then gives a fine-tunable model and
-    ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint;
-    ``model_args`` (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model; the MRConv
-    ``norm`` defaults to the ``mrconv_norm`` a ``train_imagenet.py`` checkpoint records.
+    ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint, and
+    ``img_size`` and the MRConv ``norm`` too when a training script recorded them; ``model_args``
+    (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model.
     Returns the model and, for a deploy export of a train-form checkpoint with ``verify``, the relative
     difference between both forms' logits (nothing is written if it exceeds ``tolerance``).
     """
@@ -85,9 +78,11 @@ def export_model(
     state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)  # weights_only / safetensors, prefixes removed
     model_args = dict(model_args or {})
     model_args.pop("deploy", None)
-    saved_norm = _saved_mrconv_norm(checkpoint)
-    if saved_norm is not None:  # the train form of norm='scale' has other parameters than BatchNorm's
-        model_args["mrconv_kwargs"] = {"norm": saved_norm, **model_args.get("mrconv_kwargs", {})}
+    saved = checkpoint_metadata(checkpoint)
+    if "img_size" in saved:
+        model_args.setdefault("img_size", saved["img_size"])
+    if "mrconv_norm" in saved:  # the train form of norm='scale' has other parameters than BatchNorm's
+        model_args["mrconv_kwargs"] = {"norm": saved["mrconv_norm"], **model_args.get("mrconv_kwargs", {})}
     head = state_dict.get("head.fc.weight")
     num_classes = head.shape[0] if head is not None else 0
     stem = state_dict.get("stem.0.weight")
@@ -132,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy", help="reparameterized or train form")
     parser.add_argument("--no-ema", action="store_true", help="export 'state_dict' even if 'state_dict_ema' exists")
-    parser.add_argument("--img-size", type=int, default=None, help="training resolution, if not 224")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="training resolution (default: the checkpoint's, else 224)"
+    )
     parser.add_argument("--model-args", default="{}", help="JSON dict of further model args, e.g. kernel_type")
     parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy logit check")
     parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors", help="output format")

@@ -6,14 +6,18 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import timm
+import timm.models._hub
 import torch
 
 import mrconvnext  # noqa: F401  (registers the models)
@@ -65,17 +69,37 @@ def _prefixed(state_dict: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in state_dict.items()}
 
 
-def test_missing_weights_error_names_source_and_alternatives(offline_hub) -> None:
-    with pytest.raises(RuntimeError) as info:
-        timm.create_model(NAME, pretrained=True, img_size=SIZE, cache_dir=offline_hub)
+# pretrained tags whose weights exist (name: where); a tag added to the registry must be added here
+PUBLISHED: dict[str, str] = {}
+
+
+def test_only_published_weights_are_advertised() -> None:
+    assert timm.list_pretrained("mrconv*") == sorted(PUBLISHED)
+    for name in timm.list_models("mrconv*"):
+        assert timm.is_model_pretrained(name) == any(p.startswith(f"{name}.") for p in PUBLISHED), name
+
+
+def test_missing_weights_error_comes_without_hub_access(monkeypatch, offline_hub) -> None:
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the hub was contacted: {args}")
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError) as info:
+        patch.setattr(timm.models._hub, "hf_hub_download", no_hub)
+        patch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+        timm.create_model(NAME, pretrained=True, img_size=SIZE)
     message = str(info.value)
-    assert "'mrconvnext/mrconvnext_atto.in1k'" in message and str(offline_hub) in message
-    assert "No MRConvNeXt ImageNet weights are published yet" in message
+    assert f"No pretrained weights exist for {NAME}.untrained" in message
+    assert "no MRConvNeXt ImageNet weights are published" in message
     assert "pretrained_cfg_overlay=dict(file=" in message and "local-dir:" in message
     assert "checkpoint_path=" in message
 
     with pytest.raises(RuntimeError, match="from file '/no/such/weights.safetensors'"):
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file="/no/such/weights.safetensors"))
+    # a Hub id that is not in the cache, offline: named with the cache it looked in
+    with pytest.raises(RuntimeError, match=f"Hugging Face Hub repo 'org/none' \\(cache {offline_hub}\\)"):
+        timm.create_model(
+            NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="org/none"), cache_dir=offline_hub
+        )
 
 
 def test_safetensors_file(tmp_path, trained) -> None:
@@ -240,15 +264,21 @@ def test_hf_hub_ids_resolve_from_offline_cache(tmp_path, trained) -> None:
     cache = tmp_path / "hub"
     _add_to_hf_cache(cache, "mrconvnext-test/atto-deploy", tmp_path / "deploy")
 
-    # the default cfg's repo holds train-form weights (fine-tunable); deploy=True folds them on load
+    # a cfg's hf_hub_id naming a repo of train-form weights (fine-tunable); deploy=True folds them on load
     export_model(NAME, checkpoint, tmp_path / "train", model_args=dict(img_size=SIZE), deploy=False)
-    _add_to_hf_cache(cache, "mrconvnext/mrconvnext_atto.in1k", tmp_path / "train")
+    train_repo = "mrconvnext-test/atto-train"
+    _add_to_hf_cache(cache, train_repo, tmp_path / "train")
 
     payload = tmp_path / "payload.pt"
     torch.save(
         [
             ("hf-hub:mrconvnext-test/atto-deploy", {}, IMAGES, logits),
-            (NAME, {"deploy": True, "img_size": SIZE}, IMAGES, logits),
+            (
+                NAME,
+                {"deploy": True, "img_size": SIZE, "pretrained_cfg_overlay": {"hf_hub_id": train_repo}},
+                IMAGES,
+                logits,
+            ),
         ],
         payload,
     )
@@ -278,5 +308,47 @@ def test_torch_hub_local(offline_hub) -> None:
     assert model(torch.randn(1, 3, SIZE, SIZE)).shape == (1, 1000)
     deploy = torch.hub.load(str(REPO), "mrconvnext_atto", source="local", deploy=True, num_classes=3, img_size=SIZE)
     assert deploy.deploy and deploy.num_classes == 3
-    with pytest.raises(RuntimeError, match="No MRConvNeXt ImageNet weights are published yet"):
+    with pytest.raises(RuntimeError, match="no MRConvNeXt ImageNet weights are published"):
         torch.hub.load(str(REPO), "mrconvnext_atto", source="local", pretrained=True, cache_dir=offline_hub)
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command starting with ``prefix`` (inline code), split as a shell would."""
+    readme = (REPO / "README.md").read_text()
+    commands = [c for c in re.findall(r"`([^`\n]+)`", readme) if c.startswith(prefix)]
+    assert commands, f"README shows no `{prefix} ...` command"
+    return shlex.split(commands[0])
+
+
+def test_readme_export_command_on_a_non_224_checkpoint(tmp_path) -> None:
+    """The README's export command as written, on a training checkpoint of another size: the size it records is used."""
+    command = _readme_command("python -m mrconvnext.export")
+    model_name = command[command.index("--model") + 1]
+    checkpoint, output = command[command.index("--checkpoint") + 1], command[command.index("--output") + 1]
+    model = timm.create_model(model_name, img_size=SIZE, num_classes=5).eval()
+    _randomize_model_(model, seed=4)
+    state = model.state_dict()
+    torch.save(
+        {"state_dict": state, "state_dict_ema": state, "num_classes": 5, "img_size": SIZE}, tmp_path / checkpoint
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relative difference" in result.stdout
+    deployed = timm.create_model(f"local-dir:{tmp_path / output}", pretrained=True).eval()
+    assert deployed.deploy and deployed.img_size == (SIZE, SIZE) and deployed.num_classes == 5
+    images = torch.randn(2, 3, SIZE, SIZE)
+    assert rel_err(_logits_of(deployed, images), _logits_of(model, images)) < 1e-4
+
+
+def _logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_size_mismatch_error_names_img_size(trained) -> None:
+    model = timm.create_model(NAME)  # planned for 224, the checkpoint for 64
+    with pytest.raises(RuntimeError, match=r"MRConv shapes follow img_size.*img_size=\(224, 224\)"):
+        checkpoint_filter_fn(trained[0], model)

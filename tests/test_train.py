@@ -215,7 +215,7 @@ def test_class_folders_do_not_match_num_classes(data_dir, tmp_path):
 
 def test_unknown_model(data_dir, tmp_path):
     message = _preflight_error(["--data-dir", str(data_dir), "--model", "mrconvnext_huge"], tmp_path)
-    assert "unknown model 'mrconvnext_huge'" in message and "mrconvnext_atto" in message
+    assert "unknown model 'mrconvnext_huge'; similar: " in message and "mrconvnext_base" in message
 
 
 def test_batch_not_divisible_by_accumulation(data_dir, tmp_path):

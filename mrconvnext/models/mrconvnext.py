@@ -15,8 +15,9 @@ Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts
 ``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
 prefixes) in train or deploy form, and reparameterizes train-form MRConv weights on load into a
 ``deploy=True`` model; timm ConvNeXt checkpoints of the same size are converted on load
-(:mod:`mrconvnext.convert`). No ImageNet weights are published yet; ``pretrained=True`` raises an error
-that says where it looked and how to load local weights.
+(:mod:`mrconvnext.convert`). No ImageNet weights are published: the default cfgs are tagged ``untrained``
+(timm's convention: nothing listed by ``timm.list_pretrained``), and ``pretrained=True`` without a weight
+source raises at once an error that says how to load local weights.
 """
 
 from __future__ import annotations
@@ -204,6 +205,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
                 " To keep a checkpoint head of another class count, pass pretrained_cfg_overlay=dict(..., "
                 "num_classes=N); to replace it, pass num_classes= to create_model."
             )
+        if any(".conv_dw." in k for k in missing + unexpected + mismatched):
+            hint += (
+                " MRConv shapes follow img_size, kernel_sizes, kernel_type and max_resolutions: create the model "
+                f"with the values the checkpoint was trained with (this one has img_size={model.img_size})."
+            )
         if form == "train" and any(k.endswith("conv_dw.weight") and state_dict[k].ndim < 4 for k in unexpected):
             hint += " The checkpoint looks reparameterized: create the model with deploy=True to load it."
         raise RuntimeError(
@@ -216,25 +222,30 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
     return state_dict
 
 
-def _missing_weights_error(variant: str, kwargs: dict[str, Any], error: OSError) -> RuntimeError:
-    """A ``pretrained=True`` failure that names where it looked and how to load local weights instead."""
-    cfg = resolve_pretrained_cfg(
-        variant,
-        pretrained_cfg=kwargs.get("pretrained_cfg"),
-        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-    ).to_dict()
-    note = ""
-    if cfg.get("source") == "local-dir":
-        where = f"local directory {cfg.get('file')!r}"
-    elif cfg.get("file"):
-        where = f"file {cfg['file']!r}"
-    else:
-        from huggingface_hub.constants import HF_HUB_CACHE
+def _has_weight_source(cfg: dict[str, Any]) -> bool:
+    """Whether a pretrained cfg names any weights to load (timm's weight source keys)."""
+    return any(cfg.get(key) for key in ("state_dict", "file", "url", "hf_hub_id"))
 
-        where = f"Hugging Face Hub repo {cfg.get('hf_hub_id')!r} (cache {kwargs.get('cache_dir') or HF_HUB_CACHE})"
-        note = "No MRConvNeXt ImageNet weights are published yet. "
+
+def _missing_weights_error(
+    variant: str, cfg: dict[str, Any], kwargs: dict[str, Any], error: OSError | None
+) -> RuntimeError:
+    """A ``pretrained=True`` failure that names where it looked (if anywhere) and how to load local weights."""
+    if not _has_weight_source(cfg):
+        name = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
+        problem = f"No pretrained weights exist for {name}: no MRConvNeXt ImageNet weights are published."
+    else:
+        if cfg.get("source") == "local-dir":
+            where = f"local directory {cfg.get('file')!r}"
+        elif cfg.get("file"):
+            where = f"file {cfg['file']!r}"
+        else:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            where = f"Hugging Face Hub repo {cfg.get('hf_hub_id')!r} (cache {kwargs.get('cache_dir') or HF_HUB_CACHE})"
+        problem = f"Could not load pretrained weights for {variant} from {where}: {type(error).__name__}: {error}"
     return RuntimeError(
-        f"Could not load pretrained weights for {variant} from {where}: {type(error).__name__}: {error}\n{note}"
+        f"{problem}\n"
         f"To load local weights use timm.create_model({variant!r}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')) (a .pth training checkpoint works too), "
         f"timm.create_model('local-dir:/path/to/export_dir', pretrained=True) for a directory written by "
@@ -244,6 +255,11 @@ def _missing_weights_error(variant: str, kwargs: dict[str, Any], error: OSError)
 
 
 def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
+    if pretrained:  # fail before any hub access when no weight source is set
+        overlay = kwargs.get("pretrained_cfg_overlay")
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+        if not _has_weight_source(cfg):
+            raise _missing_weights_error(variant, cfg, kwargs, None)
     try:
         return build_model_with_cfg(
             MRConvNeXt,
@@ -256,7 +272,7 @@ def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs: Any) ->
     except OSError as e:  # hub, network and file errors (huggingface_hub's errors are OSErrors)
         if not pretrained:
             raise
-        raise _missing_weights_error(variant, kwargs, e) from e
+        raise _missing_weights_error(variant, cfg, kwargs, e) from e
 
 
 def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
@@ -277,14 +293,13 @@ def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-# NOTE: nothing is published under these Hub ids yet; they name where released weights will live.
 default_cfgs = generate_default_cfgs(
     {
-        "mrconvnext_atto.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_atto.in1k"),
-        "mrconvnext_nano.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_nano.in1k"),
-        "mrconvnext_tiny.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_tiny.in1k"),
-        "mrconvnext_small.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_small.in1k"),
-        "mrconvnext_base.in1k": _cfg(hf_hub_id="mrconvnext/mrconvnext_base.in1k"),
+        "mrconvnext_atto.untrained": _cfg(),
+        "mrconvnext_nano.untrained": _cfg(),
+        "mrconvnext_tiny.untrained": _cfg(),
+        "mrconvnext_small.untrained": _cfg(),
+        "mrconvnext_base.untrained": _cfg(),
     }
 )
 

@@ -1,0 +1,270 @@
+"""README.md as documentation that runs: every ```python block as written, every shell command accounted for.
+
+Python blocks are found by parsing README.md, so a block added in any section is picked up without touching
+this file; a block preceded by the line ``<!-- doctest: slow -->`` runs with the slow tests (``make test-slow``)
+only. Each runs in its own process, in a working directory holding the files the README names as
+placeholders (``ckpt.pth``, ``deploy_dir/``, ``output/train/RUN/model_best.pth``, a local Hub cache with
+``org/repo``), made here; ``path/to/mrconvnext`` is replaced by the repository root.
+
+Shell commands are those of ```bash / ```sh / ```console blocks (``$`` lines in console blocks) and inline
+code that starts with a program (``python``, ``make``, ``torchrun``, ...). Each must match an entry of
+``COMMANDS``: either it is run here as written (cheap ones, in the prepared directory), or it names the tests
+that run the same program with the same flags on tiny data. A README command without an entry fails
+``test_every_readme_command_is_exercised`` with the command to add.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import mrconvnext  # noqa: F401  (registers the models)
+from mrconvnext.demo import make_shapes_dataset
+from mrconvnext.export import export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PLACEHOLDERS = {"path/to/mrconvnext": str(ROOT)}
+SLOW_MARK = "<!-- doctest: slow -->"
+SHELL_LANGS = ("bash", "sh", "shell", "console")
+PROGRAMS = ("python", "python3", ".venv/bin/python", "make", "torchrun", "accelerate", "hf", "pip")
+
+
+def _blocks(text: str) -> list[tuple[int, str, str, bool]]:
+    """``(line number, language, body, marked slow)`` of every fenced code block."""
+    blocks, lines, index = [], text.splitlines(), 0
+    while index < len(lines):
+        match = re.match(r"^(\s*)```(\w*)\s*$", lines[index])
+        if match:
+            indent, lang, start = match.group(1), match.group(2), index + 1
+            previous = next((line.strip() for line in reversed(lines[:index]) if line.strip()), "")
+            index += 1
+            while index < len(lines) and lines[index].strip() != "```":
+                index += 1
+            body = "\n".join(line[len(indent) :] for line in lines[start:index])
+            blocks.append((start, lang, body, previous == SLOW_MARK))
+        index += 1
+    return blocks
+
+
+def python_blocks() -> list[tuple[int, str, bool]]:
+    return [(line, body, slow) for line, lang, body, slow in _blocks(README.read_text()) if lang == "python"]
+
+
+def _without_env(command: str) -> str:
+    """A command without its leading ``VAR=value`` assignments."""
+    return re.sub(r"^(\s*[A-Z_][A-Z0-9_]*=\S*\s+)*", "", command).strip()
+
+
+def shell_commands() -> list[str]:
+    """Every shell command README.md shows (continuation lines joined, comments and console output dropped)."""
+    text = README.read_text()
+    commands = []
+    for _, lang, body, _ in _blocks(text):
+        if lang not in SHELL_LANGS:
+            continue
+        joined = re.sub(r"\\\n\s*", "", body)
+        for line in joined.splitlines():
+            line = line.strip()
+            if lang == "console":
+                if not line.startswith("$ "):
+                    continue  # output
+                line = line[2:]
+            line = line.split(" #")[0].strip() if not line.startswith("#") else ""
+            if line:
+                commands.append(line)
+    fenced = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`\n]+)`", fenced):
+        words = _without_env(span).split()
+        if len(words) > 1 and words[0] in PROGRAMS:
+            commands.append(span.strip())
+    return commands
+
+
+# README command (regex, matched against the start of the command with env assignments removed) -> where it
+# runs: "here" (run as written by test_readme_command_runs), "suite" (the test suite itself), or test node ids
+# that run that program with the same flags on tiny data.
+COMMANDS: dict[str, str | tuple[str, ...]] = {
+    r"make demo": ("tests/test_install.py::test_installed_demo_runs_outside_the_repository",),
+    r"make (test|test-slow|lint|format)\b": "suite",
+    r"make selfcheck": ("tests/test_readme.py::test_selfcheck_runs",),
+    r"make benchmark": ("tests/test_readme.py::test_benchmark_script_runs",),
+    r"python -m mrconvnext\.export --model \S+ --checkpoint ckpt\.pth --output deploy_dir/?$": (
+        "tests/test_pretrained.py::test_readme_export_command_on_a_non_224_checkpoint",
+    ),
+    r"python -m (mrconvnext\.demo|train_imagenet|validate)$": (
+        "tests/test_install.py::test_installed_demo_runs_outside_the_repository",
+    ),
+    r"hf upload ": "not run: uploads to the Hugging Face Hub (no network here)",
+    r"accelerate config$": "not run: accelerate's interactive configuration",
+    r"(accelerate launch|torchrun --nproc_per_node \d+)$": "not run: a program named in prose, full commands above",
+    r"torchrun \.\.\.$": "not run: environment variables for the torchrun commands above",
+    r"\.venv/bin/python -c ": "here",
+    r"(accelerate launch|torchrun --nproc_per_node \d+|torchrun --nnodes \d+ .*) train_imagenet\.py --data-dir": (
+        "tests/test_train.py::test_two_process_run",
+        "tests/test_train.py::test_resume_after_kill_matches_uninterrupted",
+        "tests/test_recipe.py::test_default_recipe_trains",
+    ),
+    r"accelerate launch --num_processes 2": "not run: documented as not starting two processes on a CPU-only machine",
+    r"python validate\.py --data-dir /data/imagenet --model mrconvnext_tiny --checkpoint model_best\.pth": (
+        "tests/test_validate.py::test_accuracy_matches_independent_evaluation",
+        "tests/test_validate.py::test_reparam_gives_same_accuracy",
+        "tests/test_validate.py::test_compare_reparam_reports_small_difference",
+    ),
+    r"torchrun --nproc_per_node \d+ validate\.py": (
+        "tests/test_validate.py::test_torchrun_two_processes_count_each_image_once",
+    ),
+    r"python validate\.py --data-dir \. --model mrconvnext_atto --checkpoint model_best\.pth": "here",
+    r"python validate\.py --benchmark": "here",
+}
+
+
+def _pattern(command: str) -> str | None:
+    """The first ``COMMANDS`` pattern that matches ``command``."""
+    plain = _without_env(command)
+    return next((pattern for pattern in COMMANDS if re.match(pattern, plain)), None)
+
+
+def _entry(command: str) -> str | tuple[str, ...] | None:
+    pattern = _pattern(command)
+    return COMMANDS[pattern] if pattern else None
+
+
+def test_every_readme_command_is_exercised() -> None:
+    commands = shell_commands()
+    assert any(c.startswith("python -m mrconvnext.export") for c in commands), "command extraction found too little"
+    unmapped = [c for c in commands if _entry(c) is None]
+    assert not unmapped, "README commands no test runs; add them to tests/test_readme.py COMMANDS:\n" + "\n".join(
+        unmapped
+    )
+    stale = set(COMMANDS) - {_pattern(c) for c in commands}
+    assert not stale, f"COMMANDS entries no README command matches any more (remove them): {sorted(stale)}"
+    for command in commands:
+        where = _entry(command)
+        for node in where if isinstance(where, tuple) else ():
+            path, name = node.split("::")
+            assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{command!r}: no test {node}"
+
+
+# ------------------------------------------------------------------------------------ the prepared directory
+
+
+def _add_to_hf_cache(cache: Path, repo_id: str, files: Path) -> None:
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for file in files.iterdir():
+        shutil.copy(file, repo / "snapshots" / commit / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The placeholders the README's blocks and commands name, as real files."""
+    root = tmp_path_factory.mktemp("readme")
+    for script in ("train_imagenet.py", "validate.py"):  # the README's commands run from the repository root
+        (root / script).symlink_to(ROOT / script)
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_tiny")
+    state = model.state_dict()
+    torch.save({"state_dict": state, "state_dict_ema": state, "num_classes": 1000, "img_size": 224}, root / "ckpt.pth")
+    (root / "output" / "train" / "RUN").mkdir(parents=True)
+    os.link(root / "ckpt.pth", root / "output" / "train" / "RUN" / "model_best.pth")
+    export_model("mrconvnext_tiny", root / "ckpt.pth", root / "deploy_dir", verify=False)
+    _add_to_hf_cache(root / "hf-cache", "org/repo", root / "deploy_dir")
+    # the validate.py sample: a 10-class folder of 50 images in the working directory, an atto checkpoint at 64 px
+    make_shapes_dataset(root / "shapes", 5, 0, size=64, classes=tuple(f"c{i}" for i in range(10)), seed=0)
+    for folder in (root / "shapes" / "train").iterdir():
+        shutil.move(folder, root / folder.name)
+    atto = timm.create_model("mrconvnext_atto", img_size=64, num_classes=10)
+    torch.save({"state_dict": atto.state_dict(), "num_classes": 10, "img_size": 64}, root / "model_best.pth")
+    return root
+
+
+def _env(workdir: Path) -> dict:
+    return dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python` is this interpreter
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(workdir / "hf-cache"),
+        HF_HOME=str(workdir / "hf-home"),
+    )
+
+
+@functools.cache
+def _run_python_block(index: int, workdir: Path) -> str:
+    _, body, _ = python_blocks()[index]
+    for placeholder, value in PLACEHOLDERS.items():
+        body = body.replace(placeholder, value)
+    script = workdir / f"readme_block_{index}.py"
+    script.write_text(body)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"README block {index}:\n{body}\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, id=f"line{line}", marks=[pytest.mark.slow] if slow else [])
+        for i, (line, _, slow) in enumerate(python_blocks())
+    ],
+)
+def test_readme_python_block_runs(index, workdir) -> None:
+    _run_python_block(index, workdir)
+
+
+def test_model_table_is_the_scripts_output(workdir) -> None:
+    """The MRConvNeXt table's parameter and GMACs columns are what the README's script prints."""
+    (index,) = [i for i, (_, body, _) in enumerate(python_blocks()) if "FlopCounterMode" in body]
+    printed = re.findall(
+        r"^(\S+): train ([\d.]+)M, deploy ([\d.]+)M, ([\d.]+) GMACs$", _run_python_block(index, workdir), re.M
+    )
+    table = re.findall(
+        r"^\| `(mrconvnext_\w+)` \| [^|]+ \| ([\d.]+)M \| ([\d.]+)M \| ([\d.]+) \|", README.read_text(), re.M
+    )
+    assert printed and sorted(printed) == sorted(table)
+
+
+READMES_RUN_HERE = [c for c in shell_commands() if _entry(c) == "here"]
+
+
+@pytest.mark.parametrize("command", READMES_RUN_HERE, ids=[re.sub(r"\W+", "-", c)[:60] for c in READMES_RUN_HERE])
+def test_readme_command_runs(command, workdir) -> None:
+    command = command.replace(".venv/bin/python", sys.executable)  # the venv `make` creates: this interpreter
+    result = subprocess.run(
+        command, shell=True, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+
+
+def test_selfcheck_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mrconvnext.selfcheck"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs() -> None:
+    """``make benchmark`` as shipped (minutes on 2 cores): it must finish and print its targets table."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/benchmark.py"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]

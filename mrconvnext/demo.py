@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     diff = abs(results["train form"]["top1"] - results["deploy form"]["top1"])
     print(f"top-1 difference train vs deploy: {diff:.2f} points; chance is {100 / len(SHAPES):.0f}%")
-    plot_cmd = [sys.executable, "-m", "mrconvnext.plot", "--model", args.model]
-    plot_cmd += ["--checkpoint", str(run_dir / "model_best.pth"), "--out", str(Path(args.output) / "plots")]
-    _run(plot_cmd)
+    plot_cmd = ["--model", args.model, "--checkpoint", str(run_dir / "model_best.pth")]
+    _run("mrconvnext.plot", [*plot_cmd, "--out", str(Path(args.output) / "plots")])
     print(f"training took {train_s:.0f} s, the whole demo {time.perf_counter() - start:.0f} s")
     if diff > 0.5:
         raise SystemExit(f"train and deploy forms disagree: top-1 differs by {diff:.2f} points")

@@ -90,7 +90,8 @@ def test_export_rebuilds_scale_form(scale_run, tmp_path, capsys) -> None:
     assert config["model_args"]["mrconv_kwargs"] == {"norm": "scale"}
     deployed = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     trained = timm.create_model("mrconvnext_atto", num_classes=2, img_size=32, mrconv_kwargs=dict(norm="scale"))
-    trained.load_state_dict(torch.load(scale_run / "last.pth", weights_only=True)["state_dict"])
+    saved = torch.load(scale_run / "last.pth", weights_only=True)
+    trained.load_state_dict(saved.get("state_dict_ema", saved["state_dict"]))  # export takes the EMA, as timm does
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_err(deployed(images), trained.eval()(images)) < 1e-4

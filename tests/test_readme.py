@@ -242,10 +242,16 @@ def _run_python_block(index: int, workdir: Path) -> str:
     _, body, _ = python_blocks()[index]
     for placeholder, value in PLACEHOLDERS.items():
         body = body.replace(placeholder, value)
-    script = workdir / f"readme_block_{index}.py"
+    # each block in a folder of its own holding links to the prepared files, so what it writes (e.g. plot
+    # images) stays out of the image folder that the README's validate.py sample reads from the working directory
+    block_dir = workdir.parent / f"{workdir.name}-python-block-{index}"
+    block_dir.mkdir()
+    for entry in workdir.iterdir():
+        (block_dir / entry.name).symlink_to(entry)
+    script = block_dir / "readme_block.py"
     script.write_text(body)
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=900
+        [sys.executable, str(script)], cwd=block_dir, env=_env(workdir), capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, f"README block {index}:\n{body}\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
     return result.stdout

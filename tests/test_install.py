@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "mrconvnext", "train_imagenet.py", "validate.py")
+SOURCES = ("pyproject.toml", "README.md", "mrconvnext", "train_imagenet.py", "train_sequence.py", "validate.py")
 
 
 def test_installed_demo_runs_outside_the_repository(tmp_path) -> None:
@@ -36,7 +36,8 @@ def test_installed_demo_runs_outside_the_repository(tmp_path) -> None:
         [
             sys.executable,
             "-c",
-            "import mrconvnext, train_imagenet, validate as v; print(mrconvnext.__file__, train_imagenet.__file__, v.__file__)",
+            "import mrconvnext, train_imagenet, train_sequence as s, validate as v; "
+            "print(mrconvnext.__file__, train_imagenet.__file__, s.__file__, v.__file__)",
         ],
         cwd=workdir,
         env=env,

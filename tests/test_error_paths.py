@@ -16,11 +16,7 @@ TRAIN_ARGS = ["--model", "mrconvnext_atto", "--img-size", "32", "-b", "4", "--ep
 TRAIN_ARGS += ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--warmup-epochs", "0"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -83,12 +83,7 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; other test files may have set up a different one."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def _argv(data_root: Path, checkpoint: Path, *extra: str) -> list[str]:

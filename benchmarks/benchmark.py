@@ -5,40 +5,40 @@
     python benchmarks/benchmark.py --targets 3,4   # a subset
     python benchmarks/benchmark.py --targets 6 --threads 1   # ONNX: onnxruntime vs PyTorch, Toeplitz vs DFT
 
-Method: every comparison runs its candidates round-robin in this process (baseline, candidate,
-baseline, ...) after warm-up runs. The table shows the median time of each side and, as the
-ratio, the median over rounds of each round's candidate / baseline ratio: the two runs of a
-round are back to back, so slow drifts of a shared machine cancel. onnxruntime sessions (target
-6) use as many intra-op threads as torch. Peak training memory on the
-CPU is the growth of the peak resident set (``VmHWM``) over one training step, measured in a
-fresh subprocess per model; on CUDA it is ``max_memory_allocated``.
+Method (``benchmarks/timing.py``): every comparison runs its candidates round-robin in this process
+after warm-up runs; the table shows the median time of each side and, as the ratio, the median over
+rounds of each round's candidate / baseline ratio. onnxruntime sessions (target 6) use as many intra-op
+threads as torch. Peak training memory is measured per model in a fresh subprocess on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
-import mrconvnext
 from mrconvnext import MRConv, MRConv2d, fft_length
-from mrconvnext.onnx_export import LongConv, export_onnx
+from mrconvnext.layers import LongConv
+from mrconvnext.utils.onnx import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' plain-autograd reference layer
+from benchmarks.timing import (  # noqa: E402
+    Ratio,
+    autocast,
+    compare,
+    machine_info,
+    step_memory,
+    step_memory_in_subprocess,
+)
 from tests.reference import branch_bn_autograd  # noqa: E402
 
 STAGE_SHAPES = [  # (D, H, W, kernel_size): MRConvNeXt-T stages at 224x224
@@ -48,15 +48,6 @@ STAGE_SHAPES = [  # (D, H, W, kernel_size): MRConvNeXt-T stages at 224x224
     (768, 7, 7, 28),
 ]
 LONG = dict(batch=4, dim=256, seq_len=16384, kernel_size=64, max_resolutions=9)  # LRA-like, 9 resolutions
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """Median of the per-round ratios and their range (how noisy the machine was)."""
-
-    median: float
-    low: float
-    high: float
 
 
 @dataclass
@@ -80,49 +71,9 @@ class Row:
         return "yes" if (self.value >= float(bound) if op == ">=" else self.value <= float(bound)) else "NO"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@dataclass
-class Timings:
-    """Seconds per call of each function, one entry per round (all functions run once per round)."""
-
-    times: dict[str, list[float]]
-
-    def __getitem__(self, name: str) -> float:
-        return statistics.median(self.times[name])
-
-    def ratio(self, candidate: str, *baselines: str) -> Ratio:
-        """Median over rounds of ``candidate / sum(baselines)``: each round's runs are back to back,
-        so drifts of a shared machine slower than one round cancel."""
-        rounds = zip(self.times[candidate], *(self.times[name] for name in baselines), strict=True)
-        ratios = [cand / sum(bases) for cand, *bases in rounds]
-        return Ratio(statistics.median(ratios), min(ratios), max(ratios))
-
-
-def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> Timings:
-    """Time each function ``repeats`` times, round-robin, after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_idx in range(warmup + repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if round_idx >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return Timings(times)
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ----------------------------------------------------------------------------- models
 def create_model(name: str, device: torch.device, train: bool, norm: str = "batch") -> torch.nn.Module:
-    kwargs = {"mrconv_kwargs": {"norm": norm}} if name.startswith("mrconvnext") and norm != "batch" else {}
+    kwargs = {"mrconv_kwargs": {"branch_norm": norm}} if name.startswith("mrconvnext") and norm != "batch" else {}
     model = timm.create_model(name, **kwargs).to(device)
     if name.startswith("mrconvnext") and not train:
         model.reparameterize()
@@ -170,46 +121,17 @@ def bench_inference(args, device) -> list[Row]:
     ]
 
 
+def training_step(name: str, norm: str, batch: int) -> Callable[[], None]:
+    """One training step of ``name`` on the CPU (what :func:`peak_train_memory` measures in a fresh process)."""
+    device = torch.device("cpu")
+    return train_step_fn(create_model(name, device, True, norm), batch, device)
+
+
 def peak_train_memory(name: str, norm: str, batch: int, device: torch.device) -> float:
-    """Peak memory (MiB) of one training step above the loaded model, in a fresh process on the CPU."""
+    """Peak memory (MiB) of one training step above the loaded model (CPU: in a fresh process)."""
     if device.type == "cuda":
-        model = create_model(name, device, True, norm)
-        step = train_step_fn(model, batch, device)
-        step()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    code = (
-        "import sys, json; sys.argv = ['x']; from benchmarks.benchmark import _child_memory; "
-        f"print(json.dumps(_child_memory({name!r}, {norm!r}, {batch}, {torch.get_num_threads()})))"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _child_memory(name: str, norm: str, batch: int, threads: int) -> float:
-    """Peak resident memory growth (MiB) over one training step.
-
-    Uses ``VmHWM`` of this fresh process, reset to the current RSS just before the step
-    (``ru_maxrss`` would not do: Linux carries it over from the parent through fork and exec).
-    """
-    torch.set_num_threads(threads)
-    model = create_model(name, torch.device("cpu"), True, norm)
-    step = train_step_fn(model, batch, torch.device("cpu"))
-    for p in model.parameters():  # gradients exist before the measured step, as in steady-state training
-        p.grad = torch.zeros_like(p)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) / 1024
+        return step_memory(train_step_fn(create_model(name, device, True, norm), batch, device), device)
+    return step_memory_in_subprocess("benchmarks.benchmark.training_step", name, norm, batch)
 
 
 def bench_training(args, device, targets) -> list[Row]:
@@ -406,7 +328,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
             inp = torch.randn(shape_batch, shape_dim, shape_len, device=device, requires_grad=True)
             out_grad = torch.randn_like(inp)
             cfg = dict(kernel_type=kernel_type, max_resolutions=shape_res)
-            scale = MRConv(shape_dim, shape_len, shape_kernel, norm="scale", **cfg).to(device)
+            scale = MRConv(shape_dim, shape_len, shape_kernel, branch_norm="scale", **cfg).to(device)
             deploy = MRConv(shape_dim, shape_len, shape_kernel, **cfg).to(device).eval()
             deploy.reparameterize()
 
@@ -420,7 +342,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                     f"layer fwd+bwd B={shape_batch} D={shape_dim} L={shape_len} {kernel_type}",
                     "deploy layer",
                     t["deploy"] * 1e3,
-                    "norm='scale' layer",
+                    "branch_norm='scale' layer",
                     t["scale"] * 1e3,
                     "ms",
                     "<= 1.2",
@@ -530,26 +452,6 @@ def bench_onnx_inference(args, tmp: str) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- report
-def machine_info(device: torch.device) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
-        f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-        f"mrconvnext {mrconvnext.__version__}, {platform.platform()}",
-    ]
-    # allocator settings change the CPU training figures (page faults, see BENCHMARKS.md): say which were used
-    tuning = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "THP_", "LD_PRELOAD"))]
-    info.append(f"allocator: {', '.join(tuning) if tuning else 'default (glibc malloc, no tuning variables)'}")
-    if device.type == "cuda":
-        info.append(f"GPU: {torch.cuda.get_device_name(device)} (bf16 autocast for targets 1, 2, 5)")
-    return info
-
-
 def print_table(rows: list[Row], device: torch.device, info: list[str], elapsed: float) -> None:
     header = [
         "target",

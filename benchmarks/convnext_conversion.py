@@ -5,7 +5,7 @@
 Evaluates on ``DIR/val`` (eval transform of the model's cfg at ``--img-size``) the ConvNeXt checkpoint and its
 conversion (:mod:`mrconvnext.convert`): the train form in eval mode and the deploy form; and, as in the first
 fine-tuning step, the train form in train mode (BatchNorm normalises by batch statistics) without and with
-:func:`~mrconvnext.convert.calibrate_batchnorm` on ``--calibrate-batches`` batches of ``DIR/train``. Prints a
+:func:`~mrconvnext.models.calibrate_batchnorm` on ``--calibrate-batches`` batches of ``DIR/train``. Prints a
 Markdown table: top-1, the fraction of top-1 predictions that agree with ConvNeXt, and the logit difference
 ``||z - z_ConvNeXt|| / ||z_ConvNeXt||`` over the whole set; then the fraction of positions whose receptive
 field wraps around a row edge, per stage, at ``--img-size`` and at 224.
@@ -25,7 +25,8 @@ from timm.models import load_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mrconvnext.convert import calibrate_batchnorm, image_batches, stage_wraparound  # noqa: E402
+from mrconvnext.convert import image_batches  # noqa: E402
+from mrconvnext.models import calibrate_batchnorm, stage_wraparound  # noqa: E402
 from mrconvnext.models.mrconvnext import checkpoint_filter_fn  # noqa: E402
 
 

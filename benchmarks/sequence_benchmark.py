@@ -10,7 +10,7 @@
    its reparameterized and its train form against the same backbone with S4D's diagonal state-space kernel
    (``benchmarks/s4d.py``) in place of MRConv: same width, depth, block, encoder and head. Speed is reported as
    the paper does, relative to S4(D): ``time(S4D) / time(model)``, the median of per-round ratios (the runs of
-   a round are back to back; ``compare`` from ``benchmark.py``), with the range over rounds. S4D recomputes
+   a round are back to back; ``compare`` from ``timing.py``), with the range over rounds. S4D recomputes
    its kernel on every call as ``s4d.py`` does (on a CPU that dominates its time); the last column compares
    the reparameterized MRConv with an S4D that keeps its kernel's spectrum, both then one FFT convolution
    per layer (MRConv's bidirectional, S4D's causal).
@@ -19,17 +19,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 
 import timm
 import torch
 
 import mrconvnext  # noqa: F401
-from benchmarks.benchmark import _status_kib, autocast, compare, machine_info, sync
 from benchmarks.s4d import S4DConv
+from benchmarks.timing import autocast, compare, machine_info, step_memory, step_memory_in_subprocess, sync
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx", "scifar", "speech")
 INFERENCE = {"Text": ("mrconv_text_base", 4), "Image": ("mrconv_image_base", 8)}  # model, batch
@@ -59,34 +57,16 @@ def train_step_fn(model, batch: int, device: torch.device):
     return step
 
 
-def _child_memory(name: str, batch: int, threads: int) -> float:
-    """Peak resident memory growth (MiB) over one training step in this fresh process (see benchmark.py)."""
-    torch.set_num_threads(threads)
-    model = timm.create_model(name).train()
-    step = train_step_fn(model, batch, torch.device("cpu"))
-    step()  # optimizer state and gradients exist before the measured step, as in steady-state training
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) / 1024
+def training_step(name: str, batch: int) -> Callable[[], None]:
+    """One training step of ``name`` on the CPU (what :func:`peak_train_memory` measures in a fresh process)."""
+    return train_step_fn(timm.create_model(name).train(), batch, torch.device("cpu"))
 
 
 def peak_train_memory(name: str, batch: int, device: torch.device) -> float:
+    """Peak memory (MiB) of one training step above the loaded model (CPU: in a fresh process)."""
     if device.type == "cuda":
-        model = timm.create_model(name).to(device).train()
-        step = train_step_fn(model, batch, device)
-        step()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    code = (
-        "import json; from benchmarks.sequence_benchmark import _child_memory; "
-        f"print(json.dumps(_child_memory({name!r}, {batch}, {torch.get_num_threads()})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return step_memory(train_step_fn(timm.create_model(name).to(device).train(), batch, device), device)
+    return step_memory_in_subprocess("benchmarks.sequence_benchmark.training_step", name, batch)
 
 
 def bench_training(args, device) -> list[str]:

@@ -1,31 +1,5 @@
-"""Convert timm ConvNeXt weights into MRConvNeXt, in train or deploy form.
-
-ConvNeXt and MRConvNeXt differ only in the blocks' depthwise convs. A ``k x k`` depthwise conv on an
-``H x W`` map, flattened row-major, is a 1D convolution whose taps sit at the offsets ``s = dy * W + dx``
-(``|dy|, |dx| <= k // 2``): the conv reads ``u[t + s]``, which :func:`~mrconvnext.fft_conv.fft_conv`'s
-bidirectional kernel holds at causal lag ``-s`` (``s <= 0``) or anti-causal index ``s - 1`` (``s > 0``).
-The two agree at every position whose taps stay in their row; where ``x + dx`` leaves the row the 1D form
-reads the neighbouring row instead of the zero padding (:func:`wraparound_fraction` counts those positions).
-On maps narrower than ``k`` two taps can share an offset; the one that is inside the map at more positions
-is kept.
-
-Placement (MRConv paper Eq. 12, eval mode): the taps go into the shortest resolution ``h`` that can hold
-them, with ``alpha_h = 1``; every other resolution keeps its fresh initialisation with ``alpha_i = 0``, so
-its output is gated off but its ``alpha`` receives gradients from the first fine-tuning step. Resolution
-``h``'s BatchNorm is the identity in eval mode (``gamma = sqrt(1 + eps)``, ``beta`` = the conv bias).
-In train mode BatchNorm normalises by batch statistics instead, which would rescale every channel of the
-converted function: :func:`calibrate_batchnorm` sets the running statistics to those of real data while
-keeping each branch's eval-mode affine map, so that train-mode outputs start close to the eval-mode ones
-(up to the batch-to-batch variation of the statistics).
-
-Kernel types that can hold the taps: ``'dense'`` (free taps), ``'sparse'`` and ``'fourier_sparse'`` (the
-sparse positions are set to the offsets; in ``'fourier_sparse'`` resolution ``h``'s Fourier part starts at
-zero) and ``'dilated'`` only when ``kernel_size`` exceeds the largest offset (its dilation-1 resolution has
-``kernel_size`` contiguous taps; the default kernel sizes are too short from stage 1 on). ``'fourier'``
-cannot: a resolution holds ``ceil(l_0 / 2)`` low-frequency modes, not ``k * k`` arbitrary taps.
-Neither can ``norm='scale'`` (no bias), ``combine='concat'`` or causal (``bidirectional=False``) layers.
-
-Command line::
+"""Convert a timm ConvNeXt checkpoint into MRConvNeXt weights (train or deploy form); see
+:mod:`mrconvnext.models.convnext_conversion` for how the taps are placed.
 
     python -m mrconvnext.convert CONVNEXT_CHECKPOINT OUTPUT --model mrconvnext_atto [--img-size 224]
         [--kernel-type fourier_sparse] [--deploy] [--calibrate-dir IMAGE_FOLDER]
@@ -34,337 +8,23 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import copy
-import os
-import re
-from collections.abc import Iterable, Iterator
-from typing import Any
+import sys
+from collections.abc import Iterator
 
+import timm
 import torch
 import torch.nn as nn
+from timm.data import ImageDataset, create_transform, resolve_data_config
 
-from .fft_conv import fft_conv
-from .mrconv import MRConv
-
-__all__ = [
-    "HOLDING_KERNEL_TYPES",
-    "calibrate_batchnorm",
-    "convert_convnext",
-    "flattened_taps",
-    "image_batches",
-    "is_convnext_state_dict",
-    "main",
-    "stage_wraparound",
-    "wraparound_fraction",
-]
-
-HOLDING_KERNEL_TYPES = ("dense", "sparse", "fourier_sparse", "dilated")
-
-_DW_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight$")
-_FB_DW_KEY = re.compile(r"^stages\.\d+\.\d+\.dwconv\.weight$")
-
-
-def is_convnext_state_dict(state_dict: dict[str, Any]) -> bool:
-    """Whether ``state_dict`` holds ConvNeXt depthwise convs (4-D ``conv_dw.weight``; timm or original layout)."""
-    return any((_DW_KEY.match(k) or _FB_DW_KEY.match(k)) and getattr(v, "ndim", 0) == 4 for k, v in state_dict.items())
-
-
-def flattened_taps(height: int, width: int, kernel_size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """Where each tap of a ``kernel_size`` 2D conv goes in the bidirectional 1D kernel on the flattened map.
-
-    Returns ``(ky, kx, direction, index)`` per placed tap: offset ``s = dy * W + dx`` at causal index
-    ``-s`` (direction 0) or anti-causal index ``s - 1`` (direction 1). Taps that are inside the map at no
-    position are left out; of taps sharing an offset (maps narrower than the kernel) the one inside the
-    map at most positions is kept.
-    """
-    kh, kw = kernel_size
-    best: dict[int, tuple[tuple[int, int, int, int], int, int]] = {}
-    for ky in range(kh):
-        for kx in range(kw):
-            dy, dx = ky - kh // 2, kx - kw // 2
-            count = max(0, height - abs(dy)) * max(0, width - abs(dx))
-            if count == 0:
-                continue
-            offset = dy * width + dx
-            rank = (count, -abs(dy))
-            if offset not in best or rank > best[offset][1:]:
-                best[offset] = ((ky, kx, 0, -offset) if offset <= 0 else (ky, kx, 1, offset - 1), *rank)
-    return [entry[0] for _, entry in sorted(best.items())]
-
-
-def wraparound_fraction(height: int, width: int, kernel_size: tuple[int, int] = (7, 7)) -> float:
-    """Fraction of the ``height x width`` positions where the 1D form differs from the zero-padded 2D conv.
-
-    A position is exact when the 1D kernel applies the same taps to the same inputs as the 2D conv;
-    it wraps when some placed tap reads an input of the flattened map that the 2D conv reads as padding
-    or with another tap (the receptive field crosses a row edge).
-    """
-    kh, kw = kernel_size
-    length = height * width
-    taps = [(ky - kh // 2, kx - kw // 2) for ky, kx, _, _ in flattened_taps(height, width, kernel_size)]
-    wrapped = 0
-    for y in range(height):
-        for x in range(width):
-            inside = {(dy, dx) for dy, dx in taps if 0 <= y + dy < height and 0 <= x + dx < width}
-            needed = {
-                (ky - kh // 2, kx - kw // 2)
-                for ky in range(kh)
-                for kx in range(kw)
-                if 0 <= y + ky - kh // 2 < height and 0 <= x + kx - kw // 2 < width
-            }
-            reads = {(dy, dx) for dy, dx in taps if 0 <= (y + dy) * width + x + dx < length}
-            wrapped += not (reads == inside == needed)
-    return wrapped / length
-
-
-def _stage_sizes(model: nn.Module) -> list[tuple[int, int]]:
-    """``(H, W)`` of each stage's feature map at the ``img_size`` an MRConvNeXt is planned for."""
-    height, width = model.img_size
-    return [(height // info["reduction"], width // info["reduction"]) for info in model.feature_info]
-
-
-def _layer_geometry(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``(H, W)`` of the feature map each block's MRConv2d is planned for, by module name."""
-    return {
-        f"stages.{stage_idx}.blocks.{block_idx}.conv_dw": size
-        for stage_idx, (stage, size) in enumerate(zip(model.stages, _stage_sizes(model), strict=True))
-        for block_idx in range(len(stage.blocks))
-    }
-
-
-def stage_wraparound(model: nn.Module) -> list[float]:
-    """:func:`wraparound_fraction` of each stage of an MRConvNeXt at the ``img_size`` it is planned for."""
-    return [wraparound_fraction(h, w) for h, w in _stage_sizes(model)]
-
-
-def _check_layer(layer: MRConv, name: str) -> None:
-    problems = []
-    if not layer.bidirectional:
-        problems.append("bidirectional=False (a causal kernel cannot hold the taps below and right of a pixel)")
-    if not layer.deploy:
-        if layer.combine != "sum":
-            problems.append(f"combine={layer.combine!r} (no per-resolution alpha to gate the resolutions)")
-        if layer.norm_type != "batch":
-            problems.append(f"norm={layer.norm_type!r} (no bias to hold the conv bias)")
-        if layer.kernel_type not in HOLDING_KERNEL_TYPES:
-            problems.append(
-                f"kernel_type={layer.kernel_type!r} (band-limited: ceil(kernel_size / 2) Fourier modes per resolution "
-                f"cannot hold arbitrary taps)"
-            )
-    if problems:
-        raise ValueError(
-            f"cannot convert ConvNeXt weights into {name}: " + "; ".join(problems) + ". Convertible MRConvNeXt "
-            f"layers are bidirectional with combine='sum', norm='batch' and kernel_type in {HOLDING_KERNEL_TYPES}, "
-            f"or deploy=True."
-        )
-
-
-def _sparse_positions(
-    positions: torch.Tensor, weights: torch.Tensor, lags: list[torch.Tensor], values: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse ``(dirs, D, l_0)`` positions/weights holding ``values[d]`` at ``lags[d]``, padded with zero-weight
-    taps at a random choice of the existing positions (kept sorted, as drawn)."""
-    new_positions, new_weights = [], []
-    for direction, (lag, value) in enumerate(zip(lags, values, strict=True)):
-        old = positions[direction]  # (D, l_0)
-        taken = (old[..., None] == lag.to(old.device)).any(-1)
-        order = (torch.rand(old.shape, device=old.device) + 2 * taken).argsort(-1)
-        spare = old.gather(-1, order[..., : old.shape[-1] - lag.numel()])
-        pos = torch.cat([lag.to(old).expand(old.shape[0], -1), spare], dim=-1)
-        val = torch.cat([value.to(weights), weights.new_zeros(spare.shape)], dim=-1)
-        pos, sort = pos.sort(-1)
-        new_positions.append(pos)
-        new_weights.append(val.gather(-1, sort))
-    return torch.stack(new_positions), torch.stack(new_weights)
-
-
-@torch.no_grad()
-def _convert_layer(
-    layer: MRConv, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int, name: str
-) -> dict[str, torch.Tensor]:
-    """The state dict of ``layer`` (train or deploy form) computing the depthwise conv ``(weight, bias)``."""
-    _check_layer(layer, name)
-    taps = flattened_taps(height, width, tuple(weight.shape[-2:]))
-    kernel_len = 1 + max(index for *_, index in taps)
-    # (2, D, kernel_len) bidirectional 1D kernel holding the taps
-    kernel = weight.new_zeros(2, layer.dim, kernel_len, dtype=torch.float64)
-    for ky, kx, direction, index in taps:
-        kernel[direction, :, index] = weight[:, 0, ky, kx].double()
-    layer = copy.deepcopy(layer)
-    if layer.deploy:
-        if kernel_len > layer.deploy_kernel_len:
-            raise ValueError(f"{name}: deploy kernel of length {layer.deploy_kernel_len} < {kernel_len} needed")
-        layer.weight.zero_()
-        layer.weight[..., :kernel_len] = kernel
-        layer.bias.copy_(bias)
-        return layer.state_dict()
-
-    sub = layer.kernel
-    if layer.kernel_type == "dilated":
-        holders = [0] if kernel_len <= min(sub.kernel_size, sub.lengths[0]) else []
-    elif layer.kernel_type == "dense":
-        holders = [i for i, n in enumerate(layer.lengths) if n >= kernel_len]
-    else:
-        taps_per_direction = max(sum(1 for t in taps if t[2] == d) for d in (0, 1))
-        fits = taps_per_direction <= sub.kernel_size
-        holders = [i for i, n in enumerate(layer.lengths) if n >= kernel_len and fits]
-    if not holders:
-        raise ValueError(
-            f"cannot convert ConvNeXt weights into {name} (kernel_type={layer.kernel_type!r}, "
-            f"kernel_size={layer.kernel_size}, lengths={layer.lengths}): the {tuple(weight.shape[-2:])} taps on the "
-            f"{height}x{width} map reach lag {kernel_len - 1}, and no resolution holds them; use a larger kernel_size "
-            f"or kernel_type 'dense', 'sparse' or 'fourier_sparse'."
-        )
-    h = holders[0]
-    if layer.kernel_type == "dense":
-        sub.weights[h].zero_()
-        sub.weights[h][..., :kernel_len] = kernel
-    elif layer.kernel_type == "dilated":
-        sub.weight[h].zero_()
-        sub.weight[h][..., :kernel_len] = kernel
-    else:
-        sparse = sub.sparse if layer.kernel_type == "fourier_sparse" else sub
-        lags = [torch.tensor(sorted(t[3] for t in taps if t[2] == d), dtype=torch.long) for d in (0, 1)]
-        values = [kernel[d][:, lag] for d, lag in enumerate(lags)]
-        positions, weights = _sparse_positions(sparse.positions[h], sparse.weight[h], lags, values)
-        sparse.positions[h] = positions
-        sparse.weight[h] = weights
-        if layer.kernel_type == "fourier_sparse":
-            sub.fourier.modes[h].zero_()  # starts at zero, trained from the first step (scale 1)
-            sub.scale[:, h] = 1.0
-    norm = layer.norm
-    layer.alpha.zero_()
-    layer.alpha[h] = 1.0
-    norm.running_mean[h] = 0.0
-    norm.running_var[h] = 1.0
-    norm.weight[h] = (1.0 + norm.eps) ** 0.5
-    norm.bias[h] = bias
-    return layer.state_dict()
-
-
-def _check_depthwise(state_dict: dict[str, torch.Tensor], model: nn.Module, variant: str) -> None:
-    """Clear errors for a checkpoint that is not a ConvNeXt, or a ConvNeXt of another size."""
-    if not is_convnext_state_dict(state_dict):
-        raise ValueError(
-            f"not a timm ConvNeXt checkpoint: no 4-D stages.N.blocks.M.conv_dw.weight among its {len(state_dict)} "
-            f"tensors (first keys: {list(state_dict)[:4]})"
-        )
-    have = {k[: -len(".weight")]: tuple(v.shape) for k, v in state_dict.items() if _DW_KEY.match(k)}
-    want = {name: (layer.dim, 1) for name, layer in model.named_modules() if isinstance(layer, MRConv)}
-    problems = [
-        f"{k}: checkpoint {shape[:2]}, model {want.get(k, 'has no such layer')}"
-        for k, shape in have.items()
-        if shape[:2] != want.get(k)
-    ]
-    problems += [f"{k}: missing" for k in want if k not in have]
-    if problems:
-        depths = [sum(1 for k in have if k.startswith(f"stages.{i}.")) for i in range(len(model.stages))]
-        channels = [have.get(f"stages.{i}.blocks.0.conv_dw", (0,))[0] for i in range(len(model.stages))]
-        raise ValueError(
-            f"the ConvNeXt checkpoint (depths {depths}, widths {channels}) does not match {variant} (depths "
-            f"{[len(s.blocks) for s in model.stages]}, widths {[s.blocks[0].conv_dw.dim for s in model.stages]}): "
-            + "; ".join(problems[:4])
-            + (f"; ... ({len(problems) - 4} more)" if len(problems) > 4 else "")
-        )
-
-
-def convert_convnext(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A ConvNeXt state dict (timm or original layout, already unwrapped) as ``model``'s state dict.
-
-    Every tensor outside the depthwise convs is passed on unchanged; each block's ``conv_dw`` weight and
-    bias become the train-form (or, for ``deploy=True`` models, deploy-form) MRConv2d weights described in
-    the module docstring, for the map size ``model.img_size`` plans each stage for.
-    """
-    from timm.models.convnext import checkpoint_filter_fn as convnext_layout
-
-    variant = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    if any(_FB_DW_KEY.match(k) for k in state_dict):
-        state_dict = convnext_layout(state_dict, model)  # original FB layout -> timm's
-    _check_depthwise(state_dict, model, variant)
-    geometry = _layer_geometry(model)
-    out = {}
-    for key, value in state_dict.items():
-        match = _DW_KEY.match(key)
-        if key.endswith(".conv_dw.bias") or (match and int(match[2]) >= len(model.stages[int(match[1])].blocks)):
-            continue
-        if not match:
-            out[key] = value
-            continue
-        name = key[: -len(".weight")]
-        layer = model.get_submodule(name)
-        bias = state_dict.get(name + ".bias", torch.zeros(value.shape[0]))
-        converted = _convert_layer(layer, value, bias, *geometry[name], name=name)
-        out.update({f"{name}.{k}": v for k, v in converted.items()})
-    return out
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> int:
-    """Set the running statistics of every train-form MRConv's BatchNorms to those of its branch outputs on
-    ``batches`` (images, or ``(images, targets)`` pairs), keeping each branch's eval-mode affine map.
-
-    Eval-mode outputs do not change (``gamma`` and ``beta`` absorb the new statistics, Eq. 18), so one pass
-    sees every layer's exact inputs; afterwards train-mode batch statistics vary around the running ones and
-    the first fine-tuning steps compute close to the converted function. Returns the number of images seen.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MRConv) and not m.deploy and hasattr(m, "norm")]
-    sums: dict[MRConv, list[torch.Tensor]] = {}
-
-    def collect(layer: MRConv, args: tuple[torch.Tensor, ...]) -> None:
-        u = args[0].flatten(2).double()
-        kernels = [k.double() for k in layer.kernel()]
-        branches = torch.stack([fft_conv(u, k if layer.bidirectional else k[0], layer.bidirectional) for k in kernels])
-        stats = [branches.sum((1, 3)), branches.square().sum((1, 3)), u.shape[0] * u.shape[-1]]
-        sums[layer] = [a + b for a, b in zip(sums[layer], stats, strict=True)] if layer in sums else stats
-
-    was_training = model.training
-    hooks = [layer.register_forward_pre_hook(collect) for layer in layers]
-    images = 0
-    try:
-        model.eval()
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
-            images += x.shape[0]
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    if images == 0:
-        raise ValueError("calibrate_batchnorm got no batches")
-    for layer, (total, squares, count) in sums.items():
-        norm = layer.norm
-        mean = total / count
-        var = (squares / count - mean.square()).clamp_min(0) * (count / max(count - 1, 1))  # unbiased, as BatchNorm
-        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-        shift = norm.bias.double() - norm.running_mean.double() * scale
-        norm.running_mean.copy_(mean)
-        norm.running_var.copy_(var)
-        norm.weight.copy_(scale * torch.sqrt(var + norm.eps))
-        norm.bias.copy_(shift + mean * scale)
-    return images
-
-
-def _save(state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """Written to a temporary file next to ``path`` and renamed into place."""
-    tmp = f"{path}.tmp"
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-    else:
-        torch.save(state_dict, tmp)
-    os.replace(tmp, path)
+from .models.convnext_conversion import HOLDING_KERNEL_TYPES, calibrate_batchnorm, stage_wraparound
+from .utils.checkpoint import CheckpointError, checkpoint_record, read_checkpoint, save_checkpoint_file
+from .utils.evaluation import find_image_folder
 
 
 def image_batches(
     model: nn.Module, folder: str, img_size: int, batch_size: int, num_batches: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``num_batches`` shuffled batches of the ImageFolder ``folder`` (or ``folder/train``), eval transform."""
-    from timm.data import ImageDataset, create_transform, resolve_data_config
-
-    from .evaluation import find_image_folder
-
     config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
     dataset = ImageDataset(find_image_folder(folder, ("train",)), transform=create_transform(**config))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
@@ -374,51 +34,58 @@ def image_batches(
         yield batch
 
 
-def main(argv: list[str] | None = None) -> None:
-    import timm
-    from timm.models import load_state_dict
-
-    from .models.mrconvnext import checkpoint_filter_fn
-
-    parser = argparse.ArgumentParser(description="Convert a timm ConvNeXt checkpoint into an MRConvNeXt state dict")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Convert a timm ConvNeXt checkpoint into an MRConvNeXt checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "checkpoint", help="ConvNeXt weights: bare state dict or training checkpoint (.pth/.safetensors)"
     )
-    parser.add_argument("output", help="MRConvNeXt state dict to write (.pth, or .safetensors)")
+    parser.add_argument("output", help="MRConvNeXt checkpoint to write (.pth, or .safetensors)")
     parser.add_argument("--model", default="mrconvnext_tiny", help="MRConvNeXt variant of the ConvNeXt's size")
     parser.add_argument("--img-size", type=int, default=224, help="resolution the 1D kernels are planned for")
     parser.add_argument("--kernel-type", default="fourier_sparse", choices=HOLDING_KERNEL_TYPES)
     parser.add_argument("--deploy", action="store_true", help="write the reparameterized (deploy) form")
     parser.add_argument("--calibrate-dir", default="", help="ImageFolder (DIR or DIR/train) for BatchNorm statistics")
-    parser.add_argument("--calibrate-batches", type=int, default=8)
-    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("--calibrate-batches", type=int, default=8, help="batches of --calibrate-dir")
+    parser.add_argument("-b", "--batch-size", type=int, default=32, help="calibration batch size")
     args = parser.parse_args(argv)
     if args.deploy and args.calibrate_dir:
         parser.error("--calibrate-dir needs the train form (a deploy-form model has no BatchNorm)")
-
-    state_dict = load_state_dict(args.checkpoint, use_ema=True)
-    head = state_dict.get("head.fc.weight")
-    if head is None:
-        raise ValueError(f"{args.checkpoint}: no head.fc.weight: not a timm ConvNeXt classifier checkpoint")
-    model = timm.create_model(
-        args.model, num_classes=head.shape[0], img_size=args.img_size, kernel_type=args.kernel_type, deploy=args.deploy
-    )
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
-    note = ""
-    if args.calibrate_dir:
-        seen = calibrate_batchnorm(
-            model,
-            image_batches(model, args.calibrate_dir, args.img_size, args.batch_size, args.calibrate_batches),
+    try:
+        ckpt = read_checkpoint(args.checkpoint)
+        head = ckpt.state_dict.get("head.fc.weight")
+        if head is None:
+            raise CheckpointError(f"{args.checkpoint}: no head.fc.weight: not a timm ConvNeXt classifier checkpoint")
+        size = (args.img_size, args.img_size)
+        data_config = {**ckpt.pretrained_cfg, "input_size": (3, *size)}  # the ConvNeXt run's, at the planned size
+        overlay = dict(state_dict=ckpt.state_dict, num_classes=head.shape[0], **data_config)
+        model = timm.create_model(
+            args.model,
+            pretrained=True,
+            pretrained_cfg_overlay=overlay,
+            num_classes=head.shape[0],
+            img_size=args.img_size,
+            kernel_type=args.kernel_type,
+            deploy=args.deploy,
         )
-        note = f", BatchNorm statistics from {seen} images of {args.calibrate_dir}"
-    _save(model.state_dict(), args.output)
+        note = ""
+        if args.calibrate_dir:
+            batches = image_batches(model, args.calibrate_dir, args.img_size, args.batch_size, args.calibrate_batches)
+            note = f", BatchNorm statistics from {calibrate_batchnorm(model, batches)} images of {args.calibrate_dir}"
+        save_checkpoint_file(checkpoint_record(model, data_config=resolve_data_config(model=model)), args.output)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"mrconvnext.convert: error: {e}", file=sys.stderr)
+        return 1
     form = "deploy" if args.deploy else f"train form, {args.kernel_type}"
     wrap = ", ".join(f"{100 * fraction:.1f}%" for fraction in stage_wraparound(model))
     print(
         f"wrote {args.output}: {args.model} ({form}, img_size {args.img_size}, {head.shape[0]} classes) from "
         f"{args.checkpoint}{note}; positions wrapping per stage: {wrap}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

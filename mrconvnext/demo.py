@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     train_cmd += ["--no-model-ema"]  # an EMA of decay 0.9999 barely moves in 370 updates
     train_cmd += ["--workers", "1", "--output", str(run_dir.parent), "--experiment", run_dir.name]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (the dataset is kept)
-    train_s = _run("train_imagenet", train_cmd)
+    train_s = _run("mrconvnext.train_imagenet", train_cmd)
 
     results = {}
     for form, extra in (("train form", []), ("deploy form", ["--reparam"])):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = ["--data-dir", str(data_dir / "val"), "--model", args.model]
         cmd += ["--checkpoint", str(run_dir / "model_best.pth"), "--img-size", str(args.img_size), "--crop-pct", "1.0"]
         cmd += ["--workers", "1", "--results-file", str(results_file), *extra]
-        _run("validate", cmd)
+        _run("mrconvnext.validate", cmd)
         results[form] = json.loads(results_file.read_text())[-1]  # validate.py appends rows to a JSON list
 
     print(f"\n{'form':<12}{'top-1 %':>9}{'top-5 %':>9}{'loss':>8}{'images/s':>10}")

@@ -1,141 +1,119 @@
-"""Export a trained MRConvNeXt checkpoint in the layout timm's ``push_to_hf_hub`` writes.
+"""Export a trained checkpoint: safetensors in the layout timm's ``push_to_hf_hub`` writes, or ONNX.
 
-    python -m mrconvnext.export --model mrconvnext_tiny --checkpoint ckpt.pth --output deploy/
+    python -m mrconvnext.export --checkpoint ckpt.pth --output deploy/
+    python -m mrconvnext.export --checkpoint ckpt.pth --output deploy/ --format onnx
 
-By default every MRConv is reparameterized (paper Eqs. 8, 13, 18) and ``deploy/`` receives
-``model.safetensors`` and ``config.json`` (its ``model_args`` carry ``deploy=True``), so that
-``timm.create_model('local-dir:deploy/', pretrained=True)`` rebuilds the deploy model and loads it
-strictly. ``--form train`` writes the train form instead (the form the default Hub cfgs expect).
-Both files are written into a temporary directory and renamed into place, weights first.
+The model, its planned size, branch norm, class count and evaluation data config come from the checkpoint
+(:mod:`mrconvnext.utils.checkpoint`); ``--model`` and ``--model-kwargs`` are needed only for what a bare
+state dict does not record. By default every MRConv is reparameterized (paper Eqs. 8, 13, 18), checked
+against the train form on random inputs, and ``deploy/`` receives ``model.safetensors`` and ``config.json``
+(its ``model_args`` carry ``deploy=True`` and its ``pretrained_cfg`` the run's data config), so that
+``timm.create_model('local-dir:deploy/', pretrained=True)`` rebuilds the deploy model, loads it strictly and
+evaluates it as the run did. ``--form train`` writes the train form instead. Both files are written into a
+temporary directory and renamed into place, weights first.
 
 ``--format onnx`` writes ``deploy/model.onnx`` instead, for any registered model (MRConvNeXt and the
-``mrconv_*`` sequence models): deploy form, dynamic batch, the planned input size in its metadata,
-checked in onnxruntime against PyTorch (see :mod:`mrconvnext.onnx_export`).
+``mrconv_*`` sequence models): deploy form, dynamic batch, the planned input size in its metadata, checked in
+onnxruntime against PyTorch (see :mod:`mrconvnext.utils.onnx`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.layers import to_2tuple
-from timm.models import load_state_dict, split_model_name_tag
+import torch.nn as nn
 from timm.models._hub import save_for_hf
+from timm.utils import ParseKwargs, reparameterize_model
 
-from .checkpoints import checkpoint_metadata
-from .models.mrconvnext import MRConvNeXt
-from .onnx_export import LONG_CONV_METHODS, export_onnx, load_checkpoint_model, planned_input
+from .layers.long_conv import LONG_CONV_METHODS
+from .utils.checkpoint import CheckpointError, create_model_from_checkpoint, is_mrconv_model, read_checkpoint
+from .utils.files import publish
+from .utils.onnx import example_inputs, export_onnx, planned_input
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "main"]
 
 _EXPORT_FILES = ("model.safetensors", "config.json")  # weights first: a config never names missing weights
 
 
-def _verify(model_name: str, state_dict: dict[str, torch.Tensor], deployed: MRConvNeXt, model_args: dict) -> float:
-    """Relative difference of the train form's (eval) and the deploy form's logits on random images."""
-    train = timm.create_model(
-        model_name,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(state_dict=state_dict, num_classes=deployed.num_classes),
-        **model_args,
-    ).eval()
-    height, width = train.img_size
-    images = torch.randn(2, deployed.in_chans, height, width, generator=torch.Generator().manual_seed(0))
+def _form_difference(train: nn.Module, deployed: nn.Module) -> float:
+    """Relative difference of the train form's (eval) and the deploy form's outputs on random inputs."""
+    args = example_inputs(train, batch=2)
     with torch.no_grad():
-        ref = train(images).double()
-        out = deployed.eval()(images).double()
+        ref = train.eval()(*args).double()
+        out = deployed.eval()(*args).double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _load(checkpoint: str | Path, model_name: str | None, use_ema: bool, model_args: dict[str, Any]) -> nn.Module:
+    ckpt = read_checkpoint(checkpoint, use_ema)
+    name = model_name or ckpt.arch
+    if name and not is_mrconv_model(name):
+        raise CheckpointError(f"{name!r} is not an MRConv model (mrconvnext_* or mrconv_*): nothing to export here")
+    return create_model_from_checkpoint(ckpt, model_name, **model_args)
+
+
 def export_model(
-    model_name: str,
     checkpoint: str | Path,
     output: str | Path,
+    model_name: str | None = None,
+    *,
     use_ema: bool = True,
-    model_args: dict[str, Any] | None = None,
     deploy: bool = True,
     verify: bool = True,
     tolerance: float = 1e-4,
-) -> tuple[MRConvNeXt, float | None]:
+    **model_args: Any,
+) -> tuple[nn.Module, float | None]:
     """Write ``checkpoint`` (train or deploy form) to ``output/{model.safetensors,config.json}``.
 
-    ``deploy=True`` reparameterizes every MRConv; ``deploy=False`` keeps the train form, which is what
-    the models' default Hub cfgs expect (``pretrained=True`` then gives a fine-tunable model and
-    ``deploy=True`` folds it on load). ``num_classes`` and ``in_chans`` are read from the checkpoint, and
-    ``img_size`` and the MRConv ``norm`` too when a training script recorded them; ``model_args``
-    (``img_size``, ``kernel_type``, ``mrconv_kwargs``, ...) must match the trained model.
-    Returns the model and, for a deploy export of a train-form checkpoint with ``verify``, the relative
-    difference between both forms' logits (nothing is written if it exceeds ``tolerance``).
+    ``deploy=True`` reparameterizes every MRConv; ``deploy=False`` keeps the train form, which is what the
+    models' default Hub cfgs expect (``pretrained=True`` then gives a fine-tunable model and ``deploy=True``
+    folds it on load). Returns the model and, for a deploy export of a train-form checkpoint with ``verify``,
+    the relative difference between both forms' outputs (nothing is written if it exceeds ``tolerance``).
     """
-    if split_model_name_tag(model_name)[0] not in timm.list_models("mrconvnext*"):
-        raise ValueError(f"{model_name!r} is not an MRConvNeXt; expected one of {timm.list_models('mrconvnext*')}")
-    state_dict = load_state_dict(str(checkpoint), use_ema=use_ema)  # weights_only / safetensors, prefixes removed
-    model_args = dict(model_args or {})
-    model_args.pop("deploy", None)
-    saved = checkpoint_metadata(checkpoint)
-    if "img_size" in saved:
-        model_args.setdefault("img_size", saved["img_size"])
-    if "mrconv_norm" in saved:  # the train form of norm='scale' has other parameters than BatchNorm's
-        model_args["mrconv_kwargs"] = {"norm": saved["mrconv_norm"], **model_args.get("mrconv_kwargs", {})}
-    head = state_dict.get("head.fc.weight")
-    num_classes = head.shape[0] if head is not None else 0
-    stem = state_dict.get("stem.0.weight")
-    if stem is not None:
-        model_args.setdefault("in_chans", stem.shape[1])
-    height, width = to_2tuple(model_args.get("img_size", 224))
-    # the exported pretrained_cfg describes these weights: their classes and training input size, no source tag
-    overlay = dict(
-        state_dict=state_dict,
-        num_classes=num_classes,
-        input_size=(model_args.get("in_chans", 3), height, width),
-        pool_size=(height // 32, width // 32),
-        tag=None,
-    )
-    model = timm.create_model(
-        model_name,
-        pretrained=True,
-        pretrained_cfg_overlay=overlay,
-        num_classes=num_classes,
-        deploy=deploy,
-        **model_args,
-    )
+    model = _load(checkpoint, model_name, use_ema, model_args)
     error = None
-    if deploy and verify and not any(k.endswith(".conv_dw.weight") for k in state_dict):  # train-form checkpoint
-        error = _verify(model_name, state_dict, model, dict(model_args, num_classes=num_classes))
-        if error > tolerance:
-            raise RuntimeError(f"deploy form disagrees with the checkpoint: relative error {error:.2e} > {tolerance}")
-
+    if deploy and not model.deploy:
+        deployed = reparameterize_model(model)
+        if verify:
+            error = _form_difference(model, deployed)
+            if error > tolerance:
+                raise RuntimeError(
+                    f"deploy form disagrees with the checkpoint: relative error {error:.2e} > {tolerance}"
+                )
+        model = deployed
+    elif not deploy and model.deploy:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is in deploy form: --form train cannot be written")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
-        save_for_hf(model, tmp, safe_serialization=True)
+        save_for_hf(model, tmp, safe_serialization=True, model_args=dict(deploy=deploy))
         for name in _EXPORT_FILES:
-            os.replace(Path(tmp) / name, output / name)
+            publish(Path(tmp) / name, output / name)
     return model, error
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="registered model name, e.g. mrconvnext_tiny")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pth/.pth.tar) or .safetensors")
-    parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="training checkpoint (.pth/.pth.tar), .safetensors or folder"
+    )
+    parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json (or model.onnx)")
+    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
+    parser.add_argument(
+        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
+    )
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy", help="reparameterized or train form")
     parser.add_argument("--no-ema", action="store_true", help="export 'state_dict' even if 'state_dict_ema' exists")
-    parser.add_argument(
-        "--img-size", type=int, default=None, help="training resolution (default: the checkpoint's, else 224)"
-    )
-    parser.add_argument("--model-args", default="{}", help="JSON dict of further model args, e.g. kernel_type")
-    parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy logit check")
+    parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy / onnxruntime check")
     parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors", help="output format")
-    parser.add_argument(
-        "--long-conv", choices=LONG_CONV_METHODS, default="auto", help="ONNX form of the long convolution"
-    )
+    parser.add_argument("--long-conv", choices=LONG_CONV_METHODS, default="auto", help="ONNX long-convolution form")
     parser.add_argument(
         "--lengths",
         action=argparse.BooleanOptionalAction,
@@ -143,49 +121,51 @@ def main(argv: list[str] | None = None) -> None:
         help="ONNX: add the padding-lengths input of sequence models (default: token models)",
     )
     args = parser.parse_args(argv)
-    model_args = json.loads(args.model_args)
-    if not isinstance(model_args, dict):
-        parser.error(f"--model-args must be a JSON object, got {args.model_args!r}")
-    if args.img_size is not None:
-        model_args["img_size"] = args.img_size
-    if args.format == "onnx":
-        if args.form != "deploy":
-            parser.error("--format onnx exports the deploy form only (a train-form checkpoint is reparameterized)")
-        _main_onnx(args, model_args)
-        return
-    model, error = export_model(
-        args.model,
-        args.checkpoint,
-        args.output,
-        use_ema=not args.no_ema,
-        model_args=model_args,
-        deploy=args.form == "deploy",
-        verify=not args.no_verify,
-    )
+    if args.format == "onnx" and args.form != "deploy":
+        parser.error("--format onnx exports the deploy form only (a train-form checkpoint is reparameterized)")
+    try:
+        if args.format == "onnx":
+            _export_onnx(args)
+            return 0
+        model, error = export_model(
+            args.checkpoint,
+            args.output,
+            args.model,
+            use_ema=not args.no_ema,
+            deploy=args.form == "deploy",
+            verify=not args.no_verify,
+            **args.model_kwargs,
+        )
+    except (CheckpointError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"mrconvnext.export: error: {e}", file=sys.stderr)
+        return 1
     params = sum(p.numel() for p in model.parameters())
+    name = model.pretrained_cfg["architecture"]
     print(
-        f"wrote {Path(args.output) / 'model.safetensors'} and config.json: {args.model}, {args.form} form, {params:,} params"
+        f"wrote {Path(args.output) / 'model.safetensors'} and config.json: {name}, {args.form} form, {params:,} params"
     )
     if error is not None:
-        print(f"train vs deploy form logits on random images: relative difference {error:.2e}")
+        print(f"train vs deploy form outputs on random inputs: relative difference {error:.2e}")
+    return 0
 
 
-def _main_onnx(args: argparse.Namespace, model_args: dict[str, Any]) -> None:
-    model = load_checkpoint_model(args.model, args.checkpoint, use_ema=not args.no_ema, model_args=model_args)
+def _export_onnx(args: argparse.Namespace) -> None:
+    model = _load(args.checkpoint, args.model, not args.no_ema, args.model_kwargs)
+    name = model.pretrained_cfg["architecture"]
     path, error = export_onnx(
         model,
         Path(args.output) / "model.onnx",
         method=args.long_conv,
         lengths=args.lengths,
-        metadata=dict(model=args.model, checkpoint=Path(args.checkpoint).name),
+        metadata=dict(model=name, checkpoint=Path(args.checkpoint).name),
         verify=not args.no_verify,
     )
     size = planned_input(model)
     size = f"img_size {size['img_size']}" if "img_size" in size else f"seq_len {size['seq_len']}"
-    print(f"wrote {path}: {args.model}, deploy form, {size}, dynamic batch")
+    print(f"wrote {path}: {name}, deploy form, {size}, dynamic batch")
     if error is not None:
         print(f"onnxruntime vs PyTorch logits on random inputs: max relative error {error:.2e}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

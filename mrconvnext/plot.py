@@ -7,7 +7,7 @@ or, on a model in memory, ``plot_model(model, "plots/")``. Writes PNGs of 1000 x
 
 * ``alpha.png`` (train form only): for every MRConv layer (depth) and resolution ``i``, the share of resolution
   ``i`` in the layer's merged kernel, ``||alpha_i gamma_i / sigma_i k_i||`` with the BatchNorm folded in (Eqs. 13,
-  18; ``alpha_i / z_i k_i`` for ``norm='scale'``, Eq. 9), averaged over channels and normalised per layer: what
+  18; ``alpha_i / z_i k_i`` for ``branch_norm='scale'``, Eq. 9), averaged over channels and normalised per layer: what
   each resolution contributes, where alpha alone would ignore the BatchNorm scales and the sub-kernels' norms.
   A deploy-form model has one kernel per layer and no resolutions left to show.
 * ``kernels_1d.png``: the merged kernel (Eq. 13) of one layer per stage (MRConvNeXt: each stage's last block;
@@ -29,11 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from timm.utils import ParseKwargs
 
+from .layers.mrconv import MRConv
 from .models.mrconvnext import MRConvNeXt
-from .mrconv import MRConv
+from .utils.checkpoint import CheckpointError, create_model_from_checkpoint, is_mrconv_model
+from .utils.files import atomic_path
 
-__all__ = ["PLOT_KINDS", "feature_map_kernel", "load_model", "plot_model", "resolution_shares"]
+__all__ = ["PLOT_KINDS", "feature_map_kernel", "plot_model", "resolution_shares"]
 
 PLOT_KINDS = ("alpha", "kernels_1d", "kernels_2d", "spectra")
 FIGSIZE, DPI = (10, 8), 100  # every PNG is 1000 x 800 pixels
@@ -118,7 +121,7 @@ def feature_map_kernel(layer: MRConv, height: int, width: int) -> torch.Tensor:
     return maps.view(layer.dim, height, width)
 
 
-def _plot_alpha(model: nn.Module, title: str, path: Path) -> None:
+def _plot_alpha(model: nn.Module, title: str):
     layers = [(name, layer) for name, layer in _mrconv_layers(model) if hasattr(layer, "alpha")]
     if not layers:
         raise ValueError(f"{title}: no MRConv layer has per-resolution weights alpha (combine='concat' layers only)")
@@ -140,13 +143,15 @@ def _plot_alpha(model: nn.Module, title: str, path: Path) -> None:
     ax.set_xlabel("resolution i (sub-kernel length l_i = l_0 * 2^i, cut to the sequence length)")
     ax.set_yticks(range(len(layers)), [name for name, _ in layers], fontsize=max(4, min(9, 300 // len(layers))))
     ax.set_ylabel("layer (depth)")
-    norms = {layer.norm_type for _, layer in layers}
-    folded = "alpha_i / z_i (norm='scale', Eq. 9)" if norms == {"scale"} else "alpha_i gamma_i / sigma_i (BN folded)"
+    norms = {layer.branch_norm for _, layer in layers}
+    folded = (
+        "alpha_i / z_i (branch_norm='scale', Eq. 9)" if norms == {"scale"} else "alpha_i gamma_i / sigma_i (BN folded)"
+    )
     ax.set_title(f"{title}: resolution shares ||{folded} * k_i||, channel mean", fontsize=10)
-    fig.savefig(path)
+    return fig
 
 
-def _plot_kernels_1d(model: nn.Module, title: str, path: Path, channels: int, seed: int) -> None:
+def _plot_kernels_1d(model: nn.Module, title: str, channels: int, seed: int):
     layers = _kernel_layers(model)
     fig = _figure()
     axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
@@ -162,10 +167,10 @@ def _plot_kernels_1d(model: nn.Module, title: str, path: Path, channels: int, se
     halves = "anti-causal (lag < 0) | causal (lag >= 0)" if layers[0][1].bidirectional else "causal"
     axes[-1].set_xlabel(f"lag ({halves})")
     fig.suptitle(f"{title}: merged kernels (Eq. 13)", fontsize=11)
-    fig.savefig(path)
+    return fig
 
 
-def _plot_kernels_2d(model: MRConvNeXt, title: str, path: Path, channels: int, seed: int) -> None:
+def _plot_kernels_2d(model: MRConvNeXt, title: str, channels: int, seed: int):
     layers = _kernel_layers(model)
     fig = _figure()
     axes = fig.subplots(len(layers), channels, squeeze=False)
@@ -186,10 +191,10 @@ def _plot_kernels_2d(model: MRConvNeXt, title: str, path: Path, channels: int, s
         "weight each input pixel gets in the output of the centre (+) pixel",
         fontsize=10,
     )
-    fig.savefig(path)
+    return fig
 
 
-def _plot_spectra(model: nn.Module, title: str, path: Path, channels: int, seed: int) -> None:
+def _plot_spectra(model: nn.Module, title: str, channels: int, seed: int):
     layers = _kernel_layers(model)
     fig = _figure()
     axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
@@ -207,7 +212,7 @@ def _plot_spectra(model: nn.Module, title: str, path: Path, channels: int, seed:
         ax.legend(fontsize=6, loc="upper right")
     axes[-1].set_xlabel("frequency (cycles per sequence step; 0.5 = Nyquist), floor at -80 dB")
     fig.suptitle(f"{title}: magnitude spectra of the merged kernels", fontsize=11)
-    fig.savefig(path)
+    return fig
 
 
 def plot_model(
@@ -243,16 +248,16 @@ def plot_model(
     paths = []
     for kind in kinds:
         path = out_dir / f"{kind}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
         if kind == "alpha":
-            _plot_alpha(model, title, tmp)
+            fig = _plot_alpha(model, title)
         elif kind == "kernels_1d":
-            _plot_kernels_1d(model, title, tmp, channels, seed)
+            fig = _plot_kernels_1d(model, title, channels, seed)
         elif kind == "kernels_2d":
-            _plot_kernels_2d(model, title, tmp, channels, seed)
+            fig = _plot_kernels_2d(model, title, channels, seed)
         else:
-            _plot_spectra(model, title, tmp, channels, seed)
-        tmp.replace(path)
+            fig = _plot_spectra(model, title, channels, seed)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
         paths.append(path)
     return paths
 
@@ -271,74 +276,31 @@ def _available(model: nn.Module, kind: str, deploy: bool) -> str | None:
     return None
 
 
-def load_model(
-    name: str, checkpoint: str | Path, img_size: int | None = None, model_kwargs: dict | None = None
-) -> nn.Module:
-    """``timm.create_model(name)`` in the form (train or deploy) of ``checkpoint``, its weights loaded strictly.
-
-    Reads this project's training checkpoints, timm/``torch.save`` state dicts and ``.safetensors`` (EMA weights
-    when present, as timm's ``load_state_dict``). The class count comes from the checkpoint's classifier; an
-    MRConvNeXt's ``img_size`` from ``img_size``, else the checkpoint's saved value, else the model's default;
-    the MRConv ``norm`` from the checkpoint's keys. ``model_kwargs`` go to ``create_model``.
-    """
-    import timm
-    from timm.models import load_state_dict
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state_dict = load_state_dict(str(path))
-    saved = {} if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    kwargs = dict(model_kwargs or {})
-    try:  # a deploy-form model gives the MRConv layers' and the classifier's names cheaply
-        skeleton = timm.create_model(name, deploy=True, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"cannot build {name!r} with {kwargs}: expected an MRConvNeXt or MRConv sequence model") from e
-    convs = [prefix for prefix, _ in _mrconv_layers(skeleton)]
-    if not convs:
-        raise ValueError(f"{name!r} has no MRConv layers to plot")
-    deploy = all(f"{prefix}.weight" in state_dict for prefix in convs)
-    classifier = skeleton.pretrained_cfg.get("classifier") or "head"
-    head = state_dict.get(f"{classifier}.weight")
-    kwargs.setdefault("num_classes", head.shape[0] if head is not None else 0)
-    if isinstance(skeleton, MRConvNeXt):
-        saved_size = saved.get("img_size") if isinstance(saved, dict) else None
-        kwargs.setdefault("img_size", img_size or saved_size or skeleton.img_size)
-    if not deploy and convs and f"{convs[0]}.alpha" in state_dict and f"{convs[0]}.norm.weight" not in state_dict:
-        kwargs.setdefault("mrconv_kwargs", dict(norm="scale"))  # Eq. 9 form: alpha and kernel norms, no BatchNorm
-    model = timm.create_model(name, deploy=deploy, **kwargs)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        form = "deploy" if deploy else "train"
-        raise RuntimeError(f"checkpoint {str(path)!r} does not match {name} ({form} form, {kwargs}): {e}") from e
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> int:
-    from timm.utils import ParseKwargs
-
-    import mrconvnext  # noqa: F401  (registers the models with timm)
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--model", required=True, help="registered MRConvNeXt or MRConv sequence model name")
-    parser.add_argument("--checkpoint", required=True, help="train- or deploy-form checkpoint (.pth, .safetensors)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="train- or deploy-form checkpoint (.pth, .safetensors) or export folder"
+    )
     parser.add_argument("--out", required=True, help="folder for the PNGs")
-    parser.add_argument("--img-size", type=int, default=None, help="MRConvNeXt training size (default: checkpoint's)")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="further create_model kwargs")
+    parser.add_argument("--model", default=None, help="registered MRConv model name (default: the checkpoint's)")
+    parser.add_argument(
+        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
+    )
     parser.add_argument("--plots", nargs="+", choices=PLOT_KINDS, default=None, help="default: all the model has")
     parser.add_argument("--channels", type=int, default=4, help="kernels drawn per layer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the channel choice")
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.model, args.checkpoint, args.img_size, args.model_kwargs)
-        title = f"{args.model} ({'deploy' if _is_deploy(model) else 'train'} form)"
+        if args.model and not is_mrconv_model(args.model):
+            raise ValueError(f"cannot plot {args.model!r}: expected an MRConvNeXt or MRConv sequence model")
+        model = create_model_from_checkpoint(args.checkpoint, args.model, **args.model_kwargs)
+        title = f"{model.pretrained_cfg['architecture']} ({'deploy' if _is_deploy(model) else 'train'} form)"
         if args.plots is None and _is_deploy(model):
             print(
                 f"alpha.png skipped: {args.checkpoint} is a deploy-form checkpoint ({_available(model, 'alpha', True)})"
             )
         paths = plot_model(model, args.out, title, tuple(args.plots) if args.plots else None, args.channels, args.seed)
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as e:
+    except (CheckpointError, ValueError, RuntimeError, FileNotFoundError, ImportError) as e:
         print(f"mrconvnext.plot: error: {e}", file=sys.stderr)
         return 2
     for path in paths:

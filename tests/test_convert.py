@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext import MRConv2d
-from mrconvnext.convert import calibrate_batchnorm, convert_convnext, wraparound_fraction
+from mrconvnext.models import calibrate_batchnorm, convert_convnext, wraparound_fraction
 from mrconvnext.models.mrconvnext import checkpoint_filter_fn
 
 from .reference import direct_conv
@@ -121,7 +121,7 @@ def test_unconvertible_layers_and_checkpoints_get_clear_errors():
         (dict(kernel_type="fourier"), "kernel_type='fourier'"),
         (dict(kernel_type="dilated", img_size=224), "no resolution holds them"),
         (dict(bidirectional=False), "bidirectional=False"),
-        (dict(mrconv_kwargs=dict(norm="scale")), "norm='scale'"),
+        (dict(mrconv_kwargs=dict(branch_norm="scale")), "branch_norm='scale'"),
     ]:
         model = timm.create_model("mrconvnext_atto", num_classes=10, **{"img_size": 64, **kwargs})
         with pytest.raises(ValueError, match=message):

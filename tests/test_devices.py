@@ -32,10 +32,16 @@ FORMS = [("sum", "batch"), ("sum", "scale"), ("concat", "batch")]
 DIM, SEQ_LEN, KERNEL_SIZE = 5, 96, 6
 
 
-def make_layer(device, kernel_type="fourier_sparse", bidirectional=True, combine="sum", norm="batch", seed=0):
+def make_layer(device, kernel_type="fourier_sparse", bidirectional=True, combine="sum", branch_norm="batch", seed=0):
     torch.manual_seed(seed)
     layer = MRConv(
-        DIM, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, combine=combine, norm=norm
+        DIM,
+        SEQ_LEN,
+        KERNEL_SIZE,
+        kernel_type=kernel_type,
+        bidirectional=bidirectional,
+        combine=combine,
+        branch_norm=branch_norm,
     )
     randomize_(layer)
     return layer.double().to(device)
@@ -155,7 +161,7 @@ def test_deploy_inference_cache_matches_and_invalidates(device, seq_len):
 def test_meta_device_traces_shapes_in_every_form(kernel_type, combine, norm, bidirectional):
     with torch.device("meta"):
         layer = MRConv2d(
-            DIM, 6 * 8, 4, kernel_type=kernel_type, combine=combine, norm=norm, bidirectional=bidirectional
+            DIM, 6 * 8, 4, kernel_type=kernel_type, combine=combine, branch_norm=norm, bidirectional=bidirectional
         )
     for form in ("train", "eval", "deploy"):
         layer.train(form == "train")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-import train_imagenet
+from mrconvnext import train_imagenet
 from mrconvnext.demo import make_shapes_dataset
-from train_imagenet import PreflightError
+from mrconvnext.utils.training import PreflightError
 
 TRAIN_ARGS = ["--model", "mrconvnext_atto", "--img-size", "32", "-b", "4", "--epochs", "1", "--workers", "0"]
 TRAIN_ARGS += ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--warmup-epochs", "0"]
@@ -26,7 +26,7 @@ def shapes(tmp_path_factory) -> Path:
 
 def _preflight_error(args: list[str], tmp_path: Path) -> str:
     with pytest.raises(PreflightError) as info:
-        train_imagenet.main([*TRAIN_ARGS, "--output", str(tmp_path / "out"), *args])
+        train_imagenet.train([*TRAIN_ARGS, "--output", str(tmp_path / "out"), *args])
     return str(info.value)
 
 
@@ -48,7 +48,7 @@ def test_train_unknown_model_suggests_close_names(shapes, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    train_imagenet.main([*TRAIN_ARGS, "--data-dir", str(shapes), "--num-classes", "3", "--output", str(out)])
+    train_imagenet.train([*TRAIN_ARGS, "--data-dir", str(shapes), "--num-classes", "3", "--output", str(out)])
     AcceleratorState._reset_state(reset_partial_state=True)
     (run_dir,) = out.iterdir()
     return run_dir

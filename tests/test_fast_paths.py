@@ -1,4 +1,4 @@
-"""Optimized paths (fused train step, cached/Toeplitz inference, ``norm='scale'``) against plain references."""
+"""Optimized paths (fused train step, cached/Toeplitz inference, ``branch_norm='scale'``) against plain references."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mrconvnext import MRConv, MRConv2d
-from mrconvnext.branch_norm import branch_bn_conv
-from mrconvnext.fft_conv import (
+from mrconvnext.layers.branch_norm import branch_bn_conv
+from mrconvnext.layers.fft_conv import (
     channel_chunk,
     conv_buffer,
     fft_conv,
@@ -212,12 +212,12 @@ def test_channels_last_deploy_input_matches_direct_conv(size, batch):
         assert rel_err(layer(x).reshape(batch, 40, -1), expected) < 1e-12
 
 
-# ----------------------------------------------------------------------------- norm='scale'
+# ----------------------------------------------------------------------------- branch_norm='scale'
 @pytest.mark.parametrize("kernel_type", ["fourier", "fourier_sparse", "sparse", "dilated"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_scale_norm_matches_reference_and_reparameterizes(kernel_type, bidirectional):
     torch.manual_seed(0)
-    layer = MRConv(5, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, norm="scale")
+    layer = MRConv(5, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, branch_norm="scale")
     # normalised at construction: every sub-kernel has unit norm per direction and channel
     with torch.no_grad():
         for i, k in enumerate(layer.kernel()):
@@ -274,7 +274,7 @@ def test_kernel_merge_matches_padded_sum_of_sub_kernels(kernel_type, rate, bidir
 
 def test_fourier_bases_first_built_in_inference_mode_still_train():
     torch.manual_seed(0)
-    layer = MRConv(4, 57, 7, norm="scale")  # a sampling plan no other test uses: built fresh here
+    layer = MRConv(4, 57, 7, branch_norm="scale")  # a sampling plan no other test uses: built fresh here
     x = torch.randn(2, 4, 57)
     with torch.inference_mode():
         expected = layer(x)
@@ -286,20 +286,20 @@ def test_fourier_bases_first_built_in_inference_mode_still_train():
 
 def test_scale_norm_state_dict_and_bad_options():
     torch.manual_seed(0)
-    layer = MRConv(4, 64, 8, norm="scale")
+    layer = MRConv(4, 64, 8, branch_norm="scale")
     assert layer.kernel_norm.shape == (len(layer.lengths), 2, 4, 1)
     assert {"kernel_norm", "alpha"} <= set(layer.state_dict())
     assert not hasattr(layer, "norm")
     torch.manual_seed(1)
-    fresh = MRConv(4, 64, 8, norm="scale")
+    fresh = MRConv(4, 64, 8, branch_norm="scale")
     assert not torch.equal(fresh.kernel_norm, layer.kernel_norm)
     fresh.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(2, 4, 64)
     torch.testing.assert_close(fresh(x), layer(x))
-    with pytest.raises(ValueError, match="unknown norm 'layer'"):
-        MRConv(4, 64, 8, norm="layer")
+    with pytest.raises(ValueError, match="unknown branch_norm 'layer'"):
+        MRConv(4, 64, 8, branch_norm="layer")
     with pytest.raises(ValueError, match="needs combine='sum'"):
-        MRConv(4, 64, 8, norm="scale", combine="concat")
+        MRConv(4, 64, 8, branch_norm="scale", combine="concat")
 
 
 def test_fft_conv_still_matches_after_refactor():
@@ -356,7 +356,7 @@ def test_torch_compile_traces_without_recompiling(form):
     """
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = MRConv2d(6, 64, 8, norm="scale" if form == "scale" else "batch", max_resolutions=3)
+    layer = MRConv2d(6, 64, 8, branch_norm="scale" if form == "scale" else "batch", max_resolutions=3)
     randomize_(layer)
     if form == "deploy":
         layer.eval().reparameterize()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mrconvnext import fft_conv, fft_length
-from mrconvnext.fft_conv import next_fast_length
+from mrconvnext.layers.fft_conv import next_fast_length
 
 from .reference import direct_conv, rel_err
 

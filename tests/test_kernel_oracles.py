@@ -143,7 +143,7 @@ def oracle_output(layer, x, rate=1.0):
         out = 0
         for i, k in enumerate(oracle_subkernels(layer, rate)):
             alpha = layer.alpha[i].double()[:, None]
-            if layer.norm_type == "scale":
+            if layer.branch_norm == "scale":
                 out = out + alpha * conv(layer, x, k / layer.kernel_norm[i].double())
                 continue
             c = conv(layer, x, k)
@@ -157,10 +157,16 @@ def oracle_output(layer, x, rate=1.0):
         return out
 
 
-def make_layer(kernel_type, bidirectional=True, combine="sum", norm="batch", seed=0):
+def make_layer(kernel_type, bidirectional=True, combine="sum", branch_norm="batch", seed=0):
     torch.manual_seed(seed)
     layer = MRConv(
-        DIM, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, combine=combine, norm=norm
+        DIM,
+        SEQ_LEN,
+        KERNEL_SIZE,
+        kernel_type=kernel_type,
+        bidirectional=bidirectional,
+        combine=combine,
+        branch_norm=branch_norm,
     )
     randomize_(layer)
     return layer
@@ -245,6 +251,6 @@ def test_concat_norm_is_the_oracle_norm_at_construction(kernel_type):
 @pytest.mark.parametrize("kernel_type", sorted(KERNEL_TYPES))
 def test_scale_norm_is_the_oracle_sub_kernel_norm_at_construction(kernel_type):
     torch.manual_seed(0)
-    layer = MRConv(DIM, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, norm="scale")
+    layer = MRConv(DIM, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, branch_norm="scale")
     for i, k in enumerate(oracle_subkernels(layer)):
         assert rel_err(layer.kernel_norm[i], k.norm(dim=-1, keepdim=True)) < 1e-6

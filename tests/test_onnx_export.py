@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import mrconvnext  # noqa: F401  (registers the models)
-from mrconvnext import MRConv, MRConv2d
+from mrconvnext import LongConv, MRConv, MRConv2d
 from mrconvnext.export import main as export_main
-from mrconvnext.onnx_export import (
-    LongConv,
+from mrconvnext.utils.onnx import (
     example_inputs,
     export_form,
     export_onnx,
-    load_checkpoint_model,
     torch_export,
 )
 
@@ -196,14 +194,17 @@ def test_export_cli_onnx_errors(tmp_path, capsys):
         export_main(["--format", "onnx", "--form", "train", "--model", "mrconvnext_atto", "--checkpoint", "x.pth",
                      "--output", str(tmp_path)])  # fmt: skip
     assert "deploy form only" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        load_checkpoint_model("mrconvnext_atto", tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="cannot export 'resnet18'"):
-        load_checkpoint_model("resnet18", tmp_path / "missing.pth")
+    argv = ["--format", "onnx", "--output", str(tmp_path / "out"), "--checkpoint"]
+    assert export_main([*argv, str(tmp_path / "missing.pth")]) == 1
+    assert "missing.pth" in capsys.readouterr().err
     checkpoint = tmp_path / "listops.pth"
     torch.save(timm.create_model("mrconv_listops_base", depth=2).state_dict(), checkpoint)
-    with pytest.raises(RuntimeError, match="listops.pth.*does not fit"):
-        load_checkpoint_model("mrconv_listops_base", checkpoint)  # depth 8 expected
+    assert export_main([*argv, str(checkpoint), "--model", "resnet18"]) == 1
+    assert "'resnet18' is not an MRConv model" in capsys.readouterr().err
+    assert export_main([*argv, str(checkpoint), "--model", "mrconv_listops_base"]) == 1  # depth 8 expected
+    err = capsys.readouterr().err
+    assert "listops.pth" in err and "does not fit" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.onnx").exists()
 
 
 def _deploy_section() -> str:

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import mrconvnext  # noqa: F401  (registers the models)
-from mrconvnext.mrconv import MRConv, MRConv2d
-from mrconvnext.plot import feature_map_kernel, load_model, main, plot_model, resolution_shares
+from mrconvnext.layers.mrconv import MRConv, MRConv2d
+from mrconvnext.plot import feature_map_kernel, main, plot_model, resolution_shares
+from mrconvnext.utils.checkpoint import checkpoint_record, create_model_from_checkpoint, save_checkpoint_file
 
 from .reference import randomize_
 from .test_mrconvnext import _randomize_model_
@@ -45,7 +46,7 @@ def atto() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def checkpoints(atto, tmp_path_factory) -> dict[str, Path]:
-    """Train form as train_imagenet.py saves it (.pth with img_size), deploy form as a bare .safetensors."""
+    """Train form in an older training-script layout (.pth with img_size), deploy form as a bare .safetensors."""
     root = tmp_path_factory.mktemp("checkpoints")
     paths = {"atto_train": root / "atto_train.pth", "atto_deploy": root / "atto_deploy.safetensors"}
     torch.save({"state_dict": atto.state_dict(), "img_size": 32, "mrconv_norm": "batch"}, paths["atto_train"])
@@ -69,7 +70,7 @@ ATTO_ARGS = ["--model-kwargs", "kernel_sizes=(4,2,1,1)"]
 SEQ_ARGS = ["--model-kwargs", "seq_len=64", "depth=2", "embed_dim=16"]
 CASES = {  # checkpoint: model, extra arguments, the PNGs expected
     "atto_train": ("mrconvnext_atto", ATTO_ARGS, ("alpha", "kernels_1d", "kernels_2d", "spectra")),
-    "atto_deploy": ("mrconvnext_atto", [*ATTO_ARGS, "--img-size", "32"], ("kernels_1d", "kernels_2d", "spectra")),
+    "atto_deploy": ("mrconvnext_atto", ATTO_ARGS, ("kernels_1d", "kernels_2d", "spectra")),  # size from shapes
     "seq_train": ("mrconv_listops_base", SEQ_ARGS, ("alpha", "kernels_1d", "spectra")),
     "seq_deploy": ("mrconv_listops_base", SEQ_ARGS, ("kernels_1d", "spectra")),
 }
@@ -101,21 +102,23 @@ def test_mismatched_checkpoint_names_the_file(checkpoints, tmp_path, capsys) -> 
     argv = ["--model", "mrconvnext_atto", "--checkpoint", str(checkpoints["atto_train"]), "--out", str(tmp_path)]
     assert main(argv) == 2  # without kernel_sizes the sub-kernel shapes differ
     err = capsys.readouterr().err
-    assert str(checkpoints["atto_train"]) in err and "does not match mrconvnext_atto (train form" in err
+    assert str(checkpoints["atto_train"]) in err and "does not fit mrconvnext_atto(" in err
 
 
 def test_loaded_model_matches_the_saved_one(atto, checkpoints) -> None:
-    loaded = load_model("mrconvnext_atto", checkpoints["atto_train"], model_kwargs=dict(kernel_sizes=(4, 2, 1, 1)))
+    loaded = create_model_from_checkpoint(checkpoints["atto_train"], "mrconvnext_atto", kernel_sizes=(4, 2, 1, 1))
     assert not loaded.deploy and loaded.img_size == (32, 32) and loaded.num_classes == 3
     for key, value in atto.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
 
-def test_scale_form_is_recognised_from_its_keys(tmp_path) -> None:
-    model = timm.create_model("mrconvnext_atto", **ATTO_KWARGS, mrconv_kwargs=dict(norm="scale"))
-    torch.save(model.state_dict(), tmp_path / "scale.pth")
-    loaded = load_model("mrconvnext_atto", tmp_path / "scale.pth", 32, dict(kernel_sizes=(4, 2, 1, 1)))
-    assert {m.norm_type for m in loaded.modules() if isinstance(m, MRConv)} == {"scale"}
+def test_scale_form_is_rebuilt_from_the_record(tmp_path, capsys) -> None:
+    model = timm.create_model("mrconvnext_atto", **ATTO_KWARGS, mrconv_kwargs=dict(branch_norm="scale"))
+    save_checkpoint_file(checkpoint_record(model), tmp_path / "scale.pth")
+    assert main(["--checkpoint", str(tmp_path / "scale.pth"), "--out", str(tmp_path / "plots")]) == 0  # no flags
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "plots" / "alpha.png").is_file()
+    loaded = create_model_from_checkpoint(tmp_path / "scale.pth")
+    assert {m.branch_norm for m in loaded.modules() if isinstance(m, MRConv)} == {"scale"}
     shares = resolution_shares(loaded.stages[0].blocks[0].conv_dw)
     assert len(shares) == 5 and shares.sum().item() == pytest.approx(1.0)
 

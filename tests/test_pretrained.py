@@ -208,7 +208,9 @@ def test_export_then_local_dir(tmp_path, trained, capsys) -> None:
     checkpoint = tmp_path / "train.pth"
     torch.save({"state_dict": _prefixed(state_dict, "module."), "epoch": 1}, checkpoint)
     out = tmp_path / "deploy"
-    main(["--model", NAME, "--checkpoint", str(checkpoint), "--output", str(out), "--img-size", str(SIZE)])
+    main(
+        ["--model", NAME, "--checkpoint", str(checkpoint), "--output", str(out)]
+    )  # a bare checkpoint: size from shapes
     assert "relative difference" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no temporary leftovers
     config = json.loads((out / "config.json").read_text())
@@ -225,11 +227,11 @@ def test_export_then_local_dir(tmp_path, trained, capsys) -> None:
 def test_export_rejects_a_mismatched_checkpoint(tmp_path, trained) -> None:
     checkpoint = tmp_path / "train.safetensors"
     safetensors.torch.save_file(trained[0], checkpoint)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        export_model("mrconvnext_nano", checkpoint, tmp_path / "out", model_args=dict(img_size=SIZE))
+    with pytest.raises(ValueError, match="does not fit mrconvnext_nano"):
+        export_model(checkpoint, tmp_path / "out", "mrconvnext_nano", img_size=SIZE)
     assert not (tmp_path / "out" / "model.safetensors").exists()
-    with pytest.raises(ValueError, match="'resnet18' is not an MRConvNeXt"):
-        export_model("resnet18", checkpoint, tmp_path / "out")
+    with pytest.raises(ValueError, match="'resnet18' is not an MRConv model"):
+        export_model(checkpoint, tmp_path / "out", "resnet18")
 
 
 _HUB_SCRIPT = """
@@ -260,12 +262,12 @@ def test_hf_hub_ids_resolve_from_offline_cache(tmp_path, trained) -> None:
     state_dict, logits = trained
     checkpoint = tmp_path / "train.pth"
     torch.save({"state_dict": state_dict}, checkpoint)
-    export_model(NAME, checkpoint, tmp_path / "deploy", model_args=dict(img_size=SIZE))
+    export_model(checkpoint, tmp_path / "deploy", NAME, img_size=SIZE)
     cache = tmp_path / "hub"
     _add_to_hf_cache(cache, "mrconvnext-test/atto-deploy", tmp_path / "deploy")
 
     # a cfg's hf_hub_id naming a repo of train-form weights (fine-tunable); deploy=True folds them on load
-    export_model(NAME, checkpoint, tmp_path / "train", model_args=dict(img_size=SIZE), deploy=False)
+    export_model(checkpoint, tmp_path / "train", NAME, img_size=SIZE, deploy=False)
     train_repo = "mrconvnext-test/atto-train"
     _add_to_hf_cache(cache, train_repo, tmp_path / "train")
 
@@ -350,5 +352,7 @@ def _logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def test_size_mismatch_error_names_img_size(trained) -> None:
     model = timm.create_model(NAME)  # planned for 224, the checkpoint for 64
-    with pytest.raises(RuntimeError, match=r"MRConv shapes follow img_size.*img_size=\(224, 224\)"):
+    with pytest.raises(
+        RuntimeError, match=r"planned for img_size=64, this model's for img_size=224: create it with img_size=64"
+    ):
         checkpoint_filter_fn(trained[0], model)

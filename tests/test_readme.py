@@ -94,15 +94,17 @@ def shell_commands() -> list[str]:
 # runs: "here" (run as written by test_readme_command_runs), "suite" (the test suite itself), or test node ids
 # that run that program with the same flags on tiny data.
 COMMANDS: dict[str, str | tuple[str, ...]] = {
-    r"make demo$": ("tests/test_install.py::test_installed_demo_runs_outside_the_repository",),
+    r"make demo$": (
+        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+    ),
     r"make (test|test-slow|lint|format)\b": "suite",
     r"make selfcheck": ("tests/test_readme.py::test_selfcheck_runs",),
     r"make benchmark": ("tests/test_readme.py::test_benchmark_script_runs",),
     r"python -m mrconvnext\.export --model \S+ --checkpoint ckpt\.pth --output deploy_dir/?$": (
         "tests/test_pretrained.py::test_readme_export_command_on_a_non_224_checkpoint",
     ),
-    r"python -m (mrconvnext\.demo|train_imagenet|validate)$": (
-        "tests/test_install.py::test_installed_demo_runs_outside_the_repository",
+    r"python -m mrconvnext\.(demo|train_imagenet|validate)$": (
+        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),
     r"hf upload ": "not run: uploads to the Hugging Face Hub (no network here)",
     r"accelerate config$": "not run: accelerate's interactive configuration",
@@ -124,7 +126,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_validate.py::test_torchrun_two_processes_count_each_image_once",
     ),
     r"python validate\.py --data-dir \. --model mrconvnext_atto --checkpoint model_best\.pth": "here",
-    r"python validate\.py --benchmark": "here",
+    r"python benchmarks/throughput\.py --model": "here",
     # ConvNeXt -> MRConvNeXt measurement block, run as written with one epoch per training
     r"(OUT=/tmp/convnext-digits|RECIPE=)": ("tests/test_convert.py::test_readme_conversion_commands",),
     r"python benchmarks/digits_folder\.py \$OUT/digits": ("tests/test_convert.py::test_readme_conversion_commands",),
@@ -134,16 +136,18 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"python -m mrconvnext\.convert \S": ("tests/test_convert.py::test_readme_conversion_commands",),
     r"python benchmarks/convnext_conversion\.py": ("tests/test_convert.py::test_readme_conversion_commands",),
     r"python benchmarks/digits_folder\.py digits --size 32$": (
-        "tests/test_mrconv_norm.py::test_digits_folder_as_the_readme_runs_it",
+        "tests/test_branch_norm.py::test_digits_folder_as_the_readme_runs_it",
     ),
-    r"python benchmarks/mrconv_norm\.py digits$": ("tests/test_mrconv_norm.py::test_norm_benchmark_prints_the_table",),
+    r"python benchmarks/branch_norm\.py digits$": ("tests/test_branch_norm.py::test_norm_benchmark_prints_the_table",),
     r"python -m mrconvnext\.plot --model \S+ --checkpoint \S+ --out \S+$": (
         "tests/test_plot.py::test_cli_writes_every_plot_kind",
-        "tests/test_install.py::test_installed_demo_runs_outside_the_repository",
+        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),
     r"python -m mrconvnext\.(plot|export)( --format onnx)?$": "not run: a program named in prose, full commands above",
     r"pip install [\"']mrconvnext\[(plot|export)\][\"']$": "suite: the dev extra `make test` installs includes it",
-    r"python -m mrconvnext\.export --format onnx --model": ("tests/test_onnx_export.py::test_readme_deploy_commands",),
+    r"python -m mrconvnext\.export --format onnx --checkpoint": (
+        "tests/test_onnx_export.py::test_readme_deploy_commands",
+    ),
     r"make gpu-check$": ("tests/test_devices.py::test_make_gpu_check_refuses_to_run_without_cuda",),
     r"python train_sequence\.py --task \w+ --data-dir": (
         "tests/test_train_sequence.py::test_readme_task_commands_resolve_the_paper_recipe_and_read_their_layout",
@@ -206,7 +210,7 @@ def _add_to_hf_cache(cache: Path, repo_id: str, files: Path) -> None:
 def workdir(tmp_path_factory) -> Path:
     """The placeholders the README's blocks and commands name, as real files."""
     root = tmp_path_factory.mktemp("readme")
-    for script in ("train_imagenet.py", "validate.py"):  # the README's commands run from the repository root
+    for script in ("train_imagenet.py", "validate.py", "benchmarks"):  # README commands run from the repo root
         (root / script).symlink_to(ROOT / script)
     torch.manual_seed(0)
     model = timm.create_model("mrconvnext_tiny")
@@ -214,7 +218,7 @@ def workdir(tmp_path_factory) -> Path:
     torch.save({"state_dict": state, "state_dict_ema": state, "num_classes": 1000, "img_size": 224}, root / "ckpt.pth")
     (root / "output" / "train" / "RUN").mkdir(parents=True)
     os.link(root / "ckpt.pth", root / "output" / "train" / "RUN" / "model_best.pth")
-    export_model("mrconvnext_tiny", root / "ckpt.pth", root / "deploy_dir", verify=False)
+    export_model(root / "ckpt.pth", root / "deploy_dir", "mrconvnext_tiny", verify=False)
     _add_to_hf_cache(root / "hf-cache", "org/repo", root / "deploy_dir")
     # the validate.py sample: a 10-class folder of 50 images in the working directory, an atto checkpoint at 64 px
     make_shapes_dataset(root / "shapes", 5, 0, size=64, classes=tuple(f"c{i}" for i in range(10)), seed=0)

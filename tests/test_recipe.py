@@ -22,9 +22,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import AugmentOp
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-import train_imagenet
+from mrconvnext import train_imagenet
+from mrconvnext.data.transforms import posterize
 from mrconvnext.demo import make_shapes_dataset
-from mrconvnext.transforms import posterize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -301,17 +301,17 @@ def test_keyword_overrides_and_classifier_reset():
 
 
 def test_every_mrconv_option_reaches_the_layers_and_block_norm_is_separate():
-    model = timm.create_model("mrconv_listops_base", seq_len=64, depth=2, mrconv_kwargs=dict(norm="scale"))
+    model = timm.create_model("mrconv_listops_base", seq_len=64, depth=2, mrconv_kwargs=dict(branch_norm="scale"))
 
     def keys(**norm):
         return set(MRConv(128, 64, kernel_size=2, kernel_type="fourier", bidirectional=False, **norm).state_dict())
 
-    assert keys(norm="scale") != keys(norm="batch")
+    assert keys(branch_norm="scale") != keys(branch_norm="batch")
     convs = [m for m in model.modules() if isinstance(m, MRConv)]
-    assert len(convs) == 2 and all(set(c.state_dict()) == keys(norm="scale") for c in convs)
+    assert len(convs) == 2 and all(set(c.state_dict()) == keys(branch_norm="scale") for c in convs)
     assert all(isinstance(block.norm, torch.nn.BatchNorm1d) for block in model.blocks)
     layer = timm.create_model("mrconv_listops_base", seq_len=64, depth=2, block_norm="layer")
-    assert all(set(c.state_dict()) == keys(norm="batch") for c in layer.modules() if isinstance(c, MRConv))
+    assert all(set(c.state_dict()) == keys(branch_norm="batch") for c in layer.modules() if isinstance(c, MRConv))
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in layer.blocks.modules())
     out = model(torch.randint(0, 18, (2, 64)), lengths=torch.tensor([64, 30]))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
@@ -328,7 +328,7 @@ def test_input_checks_read_no_device_values():
 
 
 def test_pretrained_fails_clearly_and_local_weights_load(tmp_path):
-    with pytest.raises(RuntimeError, match="no published weights") as info:
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for mrconv_listops_base") as info:
         timm.create_model("mrconv_listops_base", pretrained=True)
     assert "pretrained_cfg_overlay=dict(file=" in str(info.value) and "checkpoint_path" in str(info.value)
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ import timm
 import torch
 
 import mrconvnext  # noqa: F401
-import train_sequence
+from mrconvnext import train_sequence
 from mrconvnext.data import create_dataset
 from mrconvnext.data.listops_generator import generate_listops
-from mrconvnext.training import PreflightError
+from mrconvnext.utils.training import PreflightError
 
 from .sequence_fixtures import write_speech_commands
 
@@ -94,13 +94,19 @@ def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
     results = json.loads((killed / "run" / "results.json").read_text())
     assert results == json.loads((reference / "run" / "results.json").read_text())
 
+    # a finished run's args.yaml reruns it (timm's --config); flags on the command line override the file
+    run_script(["--config", str(reference / "run" / "args.yaml"), "--output", str(tmp_path / "replay")])
+    replayed = torch.load(tmp_path / "replay" / "run" / "last.pth", weights_only=True)
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(replayed["state_dict"][key], value), key
+
     with pytest.raises(PreflightError, match="already completed 4 of 4 epochs"):  # not resumed silently
-        train_sequence.main(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
+        train_sequence.train(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
     with pytest.raises(PreflightError, match="was trained with --epochs 4, this run has 5"):
-        train_sequence.main(listops_args(listops_dir, killed, 5, "--resume", str(killed / "run")))
+        train_sequence.train(listops_args(listops_dir, killed, 5, "--resume", str(killed / "run")))
     with pytest.raises(PreflightError, match="was trained with --model-kwargs .*'depth': 1.*this run has .*'depth': 2"):
         resume = listops_args(listops_dir, killed, 4, "--resume", str(killed / "run"))
-        train_sequence.main([*resume, "--model-kwargs", "depth=2", "embed_dim=8"])
+        train_sequence.train([*resume, "--model-kwargs", "depth=2", "embed_dim=8"])
 
 
 def test_two_processes_with_torchrun(listops_dir, tmp_path):
@@ -118,7 +124,7 @@ def test_two_processes_with_torchrun(listops_dir, tmp_path):
     assert results["test_acc"] == results["test_acc_reparameterized"]
     # the test accuracy of the best checkpoint, recomputed here over all 50 test examples
     best = torch.load(run / "model_best.pth", weights_only=True)
-    model = timm.create_model(best["arch"], **best["model_kwargs"]).eval()
+    model = timm.create_model(best["arch"], **best["model_args"]).eval()
     model.load_state_dict(best["state_dict"])
     test = create_dataset("listops", listops_dir, "test", 32)
     x, lengths, targets = (torch.stack([torch.as_tensor(item[i]) for item in test]) for i in range(3))
@@ -130,14 +136,14 @@ def test_two_processes_with_torchrun(listops_dir, tmp_path):
 def test_speech_zero_shot_8khz_and_scale_norm(tmp_path):
     data = write_speech_commands(tmp_path / "sc", per_word=3)
     args = ["--task", "speech", "--data-dir", data, "--epochs", "1", "-b", "35", "--output", str(tmp_path)]
-    run_script([*args, "--experiment", "run", "--mrconv-norm", "scale", *TINY])
+    run_script([*args, "--experiment", "run", "--branch-norm", "scale", *TINY])
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert set(results) == {"best_epoch", "val_acc", "test_acc", "test_acc_8khz", "test_acc_reparameterized"}
     assert results["test_acc"] == results["test_acc_reparameterized"]
     best = torch.load(run / "model_best.pth", weights_only=True)
-    assert best["mrconv_norm"] == "scale" and best["model_kwargs"]["mrconv_kwargs"] == {"norm": "scale"}
-    model = timm.create_model(best["arch"], **best["model_kwargs"]).eval()
+    assert best["model_args"]["mrconv_kwargs"] == {"branch_norm": "scale"} and best["task"] == "speech"
+    model = timm.create_model(best["arch"], **best["model_args"]).eval()
     model.load_state_dict(best["state_dict"])  # strict: the scale-norm layers
     test = create_dataset("speech", data, "test", 16000, decimate=2)
     x, targets = torch.stack([item[0] for item in test]), torch.tensor([item[2] for item in test])
@@ -157,7 +163,7 @@ def test_preflight_errors_before_anything_is_written(listops_dir, tmp_path):
     ]
     for extra, message in cases:
         with pytest.raises(PreflightError) as info:
-            train_sequence.main(listops_args(listops_dir, tmp_path / "out", 1) + extra)
+            train_sequence.train(listops_args(listops_dir, tmp_path / "out", 1) + extra)
         assert message in str(info.value)
         assert not (tmp_path / "out").exists()
     broken = tmp_path / "broken"
@@ -252,8 +258,8 @@ def test_readme_task_commands_resolve_the_paper_recipe_and_read_their_layout(tmp
         train_sequence.resolve_recipe(args)
         assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == PAPER_RECIPES[task], task
         assert args.kernel_lr == 0.001 and args.kernel_weight_decay == 0.0 and args.model == f"mrconv_{task}_base"
-        splits, checkpoint = train_sequence.preflight(args)
-        assert checkpoint is None and all(len(split) for split in splits.values()), task
+        splits = train_sequence.preflight(args)
+        assert all(len(split) for split in splits.values()), task
         assert ("test_8khz" in splits) == (task == "speech")
         x, length, target = splits["train"][0]
         cfg = timm.models.get_pretrained_cfg(args.model)

@@ -1,8 +1,7 @@
-"""validate.py: accuracy against an independent evaluation, deploy form, results files, errors, torchrun, benchmark."""
+"""validate.py: accuracy against an independent evaluation, deploy form, results files, errors, torchrun."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -23,9 +22,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import accuracy
 
-import validate
-from mrconvnext import MRConv
-from mrconvnext.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
+from mrconvnext import MRConv, validate
+from mrconvnext.utils.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
 
 from .reference import randomize_
 
@@ -197,8 +195,12 @@ ERROR_CASES = {
         [],
         "class count mismatch: the dataset has 3 classes (3 class folders) but the model has 7 outputs",
     ),
-    "checkpoint of another model": (None, ["--model", "mrconvnext_nano"], "does not match model 'mrconvnext_nano'"),
-    "checkpoint of another size": (None, ["--model-kwargs", "img_size=64"], "shape mismatch"),
+    "checkpoint of another model": (None, ["--model", "mrconvnext_nano"], "does not fit mrconvnext_nano("),
+    "checkpoint of another size": (
+        None,
+        ["--model-kwargs", "img_size=64"],
+        "the checkpoint records img_size=32, given img_size=64: Checkpoint is incompatible",
+    ),
     "missing checkpoint": (None, ["--checkpoint", "missing.pth"], "checkpoint 'missing.pth' does not exist"),
     "unknown model": (None, ["--model", "mrconvnext_huge"], "unknown model 'mrconvnext_huge'"),
     "class map of another size": (None, ["--class-map", "CLASS_MAP"], "(class map"),
@@ -254,33 +256,6 @@ def test_torchrun_two_processes_count_each_image_once(data_root, checkpoint, tra
     assert result["num_images"] == train_form_result["num_images"]
     assert result["top1"] == train_form_result["top1"] and result["top5"] == train_form_result["top5"]
     assert result["loss"] == pytest.approx(train_form_result["loss"], abs=1e-5)
-
-
-def test_benchmark_mode(capsys) -> None:
-    argv = ["--benchmark", "--model", MODEL, "--baseline", "convnext_atto", "--img-size", "32", "-b", "2"]
-    argv += ["--num-warm-iter", "1", "--num-bench-iter", "1", "--bench-repeats", "2", "--device", "cpu"]
-    (row,) = _run(capsys, argv)
-    assert row["img_size"] == IMG_SIZE and row["batch_size"] == 2 and row["baseline"] == "convnext_atto"
-    for form in ("train", "deploy", "baseline"):
-        assert row[f"{form}_img_per_sec"] > 0
-        # images/s and latency are both medians of the same runs
-        assert row[f"{form}_img_per_sec"] == pytest.approx(2e3 / row[f"{form}_batch_latency_ms"], rel=1e-2)
-    assert row["deploy_speedup"] == pytest.approx(row["deploy_img_per_sec"] / row["train_img_per_sec"], rel=1e-2)
-    assert row["deploy_vs_baseline"] == pytest.approx(row["deploy_img_per_sec"] / row["baseline_img_per_sec"], rel=1e-2)
-    baseline = timm.create_model("convnext_atto")
-    assert row["baseline_param_count"] == round(sum(p.numel() for p in baseline.parameters()) / 1e6, 2)
-
-
-def test_checkpoint_metadata_layouts(tmp_path) -> None:
-    """This project's training checkpoints save the values at top level, timm's ``train.py`` in ``args``."""
-    weights = {"w": torch.zeros(2)}
-    ours, timm_style, bare = tmp_path / "ours.pth", tmp_path / "timm.pth.tar", tmp_path / "bare.pth"
-    torch.save({"state_dict": weights, "num_classes": 7, "img_size": 64}, ours)
-    torch.save({"state_dict": weights, "args": argparse.Namespace(num_classes=10, img_size=None)}, timm_style)
-    torch.save(weights, bare)
-    assert validate.checkpoint_metadata(str(ours)) == {"num_classes": 7, "img_size": 64}
-    assert validate.checkpoint_metadata(str(timm_style)) == {"num_classes": 10}
-    assert validate.checkpoint_metadata(str(bare)) == {}
 
 
 def test_find_image_folder_prefers_split_dir(data_root) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from .cifar import CifarSequences
 from .common import SPLITS, DataFormatError
-from .images import CifarSequences
 from .lra import LISTOPS_VOCAB, AanRetrieval, ImdbText, ListOps, Pathfinder
 from .speech import SPEECH_COMMANDS, SpeechCommands
 

@@ -1,6 +1,6 @@
 """MRConvNeXt: ConvNeXt with 1D multi-resolution global convolutions (MRConv paper, Section 5.4, Appendix D.5).
 
-Every block's 7x7 depthwise conv is replaced by an :class:`~mrconvnext.mrconv.MRConv2d` that flattens
+Every block's 7x7 depthwise conv is replaced by an :class:`~mrconvnext.layers.mrconv.MRConv2d` that flattens
 the ``H x W`` feature map row-major into one sequence and convolves it with a bidirectional global
 kernel; everything else (stem, downsampling, LayerNorm + MLP, layer scale, head) is timm's ConvNeXt.
 
@@ -15,7 +15,7 @@ Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts
 ``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
 prefixes) in train or deploy form, and reparameterizes train-form MRConv weights on load into a
 ``deploy=True`` model; timm ConvNeXt checkpoints of the same size are converted on load
-(:mod:`mrconvnext.convert`). No ImageNet weights are published: the default cfgs are tagged ``untrained``
+(:mod:`~mrconvnext.models.convnext_conversion`). No ImageNet weights are published: the default cfgs are tagged ``untrained``
 (timm's convention: nothing listed by ``timm.list_pretrained``), and ``pretrained=True`` without a weight
 source raises at once an error that says how to load local weights.
 """
@@ -28,19 +28,18 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, to_ntuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, register_model
 from timm.models._helpers import clean_state_dict
 from timm.models.convnext import ConvNeXt
 
-from ..mrconv import MRConv, MRConv2d
+from ..layers.mrconv import MRConv2d, fold_train_form, mrconv_form, train_form_twins
+from ._builder import ReparameterizeMixin, build_mrconv_model, select_state_dict
+from .convnext_conversion import convert_convnext, is_convnext_state_dict
 
 __all__ = ["MRConvNeXt", "checkpoint_filter_fn"]
 
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # EMA first, as timm's load_state_dict
 
-
-class MRConvNeXt(ConvNeXt):
+class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
     """ConvNeXt whose depthwise convs are bidirectional multi-resolution global convolutions.
 
     Args:
@@ -70,44 +69,58 @@ class MRConvNeXt(ConvNeXt):
         # 1x1 placeholders for the depthwise convs, replaced by MRConv2d below
         super().__init__(kernel_sizes=1, device=device, dtype=dtype, **kwargs)
         self.img_size = to_2tuple(img_size)
-        self.mrconv_cfgs: list[dict[str, Any]] = []
-        height, width = self.img_size
+        self._traits = {"img_size": self.img_size}  # timm's record of the planned size (get_model_args)
         kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
         if len(kernel_sizes) != len(self.stages):
             raise ValueError(f"kernel_sizes needs one length per stage ({len(self.stages)}), got {kernel_sizes}")
-        for stage_idx, (stage, info, kernel_size) in enumerate(
-            zip(self.stages, self.feature_info, kernel_sizes, strict=True)
-        ):
+        self._mrconv_args = dict(
+            kernel_type=kernel_type,
+            bidirectional=bidirectional,
+            max_resolutions=max_resolutions,
+            **(mrconv_kwargs or {}),
+        )
+        self._kernel_sizes = kernel_sizes
+        self.mrconv_cfgs = self.plan(self.img_size)
+        for stage, cfg in zip(self.stages, self.mrconv_cfgs, strict=True):
+            for block in stage.blocks:
+                with torch.device(device) if device is not None else nullcontext():
+                    block.conv_dw = MRConv2d(**cfg, deploy=deploy)
+                if dtype is not None:
+                    block.conv_dw.to(dtype=dtype)
+        self.register_load_state_dict_pre_hook(_check_planned_size)
+
+    def plan(self, img_size: tuple[int, int]) -> list[dict[str, Any]]:
+        """The MRConv2d arguments of each stage at ``img_size``: sequence length ``(H / s) * (W / s)`` of the
+        stage's stride ``s``, kernel length ``l_0`` cut to it (Appendix D.5)."""
+        height, width = img_size
+        cfgs = []
+        for stage_idx, (info, kernel_size) in enumerate(zip(self.feature_info, self._kernel_sizes, strict=True)):
             reduction = info["reduction"]
             seq_len = (height // reduction) * (width // reduction)
             if seq_len < 1:
                 raise ValueError(
-                    f"img_size={self.img_size} is too small: stage {stage_idx} (stride {reduction}) has no pixels"
+                    f"img_size={img_size} is too small: stage {stage_idx} (stride {reduction}) has no pixels"
                 )
-            cfg = dict(
-                dim=info["num_chs"],
-                seq_len=seq_len,
-                kernel_size=min(kernel_size, seq_len),
-                kernel_type=kernel_type,
-                bidirectional=bidirectional,
-                max_resolutions=max_resolutions,
-                **(mrconv_kwargs or {}),
+            cfgs.append(
+                dict(dim=info["num_chs"], seq_len=seq_len, kernel_size=min(kernel_size, seq_len), **self._mrconv_args)
             )
-            self.mrconv_cfgs.append(cfg)
-            for block in stage.blocks:
-                block.conv_dw = self.create_mrconv(stage_idx, deploy=deploy, device=device, dtype=dtype)
+        return cfgs
 
-    def create_mrconv(
-        self,
-        stage_idx: int,
-        deploy: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> MRConv2d:
-        """A freshly initialized MRConv2d of stage ``stage_idx`` (train or deploy form)."""
-        with torch.device(device) if device is not None else nullcontext():
-            layer = MRConv2d(**self.mrconv_cfgs[stage_idx], deploy=deploy)
-        return layer.to(dtype=dtype) if dtype is not None else layer
+    def planned_img_size(self, state_dict: dict[str, torch.Tensor]) -> int | None:
+        """The square ``img_size`` (a multiple of 32) whose MRConv shapes are those of ``state_dict``, None if none.
+
+        Compared on the first block of every stage, in the form (train or deploy) the state dict holds; the
+        model's own size is tried first, as shapes do not always single out one size.
+        """
+        deploy = mrconv_form(state_dict) == "deploy"
+        prefixes = [f"stages.{i}.blocks.0.conv_dw." for i in range(len(self.stages))]
+        have = [{k[len(p) :]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(p)} for p in prefixes]
+        for size in dict.fromkeys([self.img_size[0], *range(32, 2049, 32)]):
+            with torch.device("meta"):
+                layers = [MRConv2d(**cfg, deploy=deploy) for cfg in self.plan((size, size))]
+            if [{k: tuple(v.shape) for k, v in layer.state_dict().items()} for layer in layers] == have:
+                return size
+        return None
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -118,36 +131,32 @@ class MRConvNeXt(ConvNeXt):
         """
         return {"*.conv_dw.norm.*", "*.conv_dw.alpha", "*.conv_dw.kernel.scale"}
 
-    @property
-    def deploy(self) -> bool:
-        """Whether every MRConv is in its reparameterized form (also after ``timm.utils.reparameterize_model``)."""
-        return all(module.deploy for module in self.modules() if isinstance(module, MRConv))
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold every MRConv into its deploy form in place (Eqs. 8, 13, 18); idempotent."""
-        for module in self.modules():
-            if isinstance(module, MRConv):
-                module.reparameterize()
+def planned_size_error(model: MRConvNeXt, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state_dict`` cannot load into ``model`` when it was planned for another image size, else None."""
+
+    def conv_shapes(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in weights.items() if ".conv_dw." in k}
+
+    if conv_shapes(state_dict) == conv_shapes(model.state_dict()):
+        return None
+    planned = model.planned_img_size(state_dict)
+    if planned is None or (planned, planned) == model.img_size:
+        return None
+    height, width = model.img_size
+    return (
+        f"the state dict's MRConv kernels were planned for img_size={planned}, this model's for "
+        f"img_size={height if height == width else model.img_size}: create it with img_size={planned} "
+        f"(timm's scripts: --model-kwargs img_size={planned})"
+    )
 
 
-def _select_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The model weights of a checkpoint file's dict: EMA weights when present, as timm's ``load_state_dict``."""
-    for key in _CHECKPOINT_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def _train_form_branches(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, MRConv2d]:
-    """Train-form MRConvs, by key prefix, for the deploy-form MRConvs that ``state_dict`` holds in train form."""
-    layers = {}
-    for name, module in model.named_modules():
-        prefix = name + "."
-        if isinstance(module, MRConv) and module.deploy and prefix + "weight" not in state_dict:
-            if any(k.startswith(prefix) for k in state_dict):
-                layers[prefix] = model.create_mrconv(int(name.split(".")[1]), deploy=False)
-    return layers
+def _check_planned_size(module: MRConvNeXt, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: one clear error for a state dict planned for another image size."""
+    own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    error = planned_size_error(module, own)
+    if error:
+        raise RuntimeError(f"Error loading a state dict into {type(module).__name__}: {error}")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[str, torch.Tensor]:
@@ -156,18 +165,16 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
     Accepts a bare state dict or a training checkpoint dict (``state_dict_ema`` / ``model_ema`` /
     ``state_dict`` / ``model``), strips ``module.`` / ``_orig_mod.`` prefixes, and reparameterizes
     train-form MRConv weights when ``model`` is in deploy form. timm ConvNeXt weights of the same size are
-    converted (:func:`mrconvnext.convert.convert_convnext`). The input conv's channel count may
+    converted (:func:`~mrconvnext.models.convnext_conversion.convert_convnext`). The input conv's channel count may
     differ, and the classifier too when the model's ``num_classes`` differs from the pretrained cfg's
     (timm's ``load_pretrained`` then adapts the stem and drops the head); any other missing,
     unexpected or differently shaped tensor raises a ``RuntimeError`` naming them.
     """
-    from ..convert import convert_convnext, is_convnext_state_dict  # imported here: `python -m mrconvnext.convert`
-
-    state_dict = clean_state_dict(_select_state_dict(state_dict))
+    state_dict = clean_state_dict(select_state_dict(state_dict))
     if is_convnext_state_dict(state_dict):  # timm ConvNeXt weights
         state_dict = convert_convnext(state_dict, model)
     # the keys and shapes the checkpoint must have: the model's, in train form where the checkpoint is
-    branches = _train_form_branches(state_dict, model)
+    branches = train_form_twins(state_dict, model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(branches))}
     for prefix, layer in branches.items():
         expected.update({prefix + k: v for k, v in layer.state_dict().items()})
@@ -205,74 +212,29 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvNeXt) -> dict[
                 " To keep a checkpoint head of another class count, pass pretrained_cfg_overlay=dict(..., "
                 "num_classes=N); to replace it, pass num_classes= to create_model."
             )
-        if any(".conv_dw." in k for k in missing + unexpected + mismatched):
+        planned = planned_size_error(model, state_dict)
+        if planned:
+            hint += f" In short: {planned}."
+        elif any(".conv_dw." in k for k in missing + unexpected + mismatched):
             hint += (
                 " MRConv shapes follow img_size, kernel_sizes, kernel_type and max_resolutions: create the model "
                 f"with the values the checkpoint was trained with (this one has img_size={model.img_size})."
             )
-        if form == "train" and any(k.endswith("conv_dw.weight") and state_dict[k].ndim < 4 for k in unexpected):
+        if form == "train" and mrconv_form(state_dict) == "deploy" and any(".conv_dw." in k for k in unexpected):
             hint += " The checkpoint looks reparameterized: create the model with deploy=True to load it."
         raise RuntimeError(
             f"Checkpoint is incompatible with {type(model).__name__} ({form} form, "
             f"{cfg.get('architecture', 'unknown architecture')}): " + " | ".join(problems) + "." + hint
         )
-    for prefix, layer in branches.items():  # fold train-form branches (Eqs. 8, 13, 18)
-        layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)})
-        state_dict[prefix + "weight"], state_dict[prefix + "bias"] = layer.merged_kernel()
-    return state_dict
-
-
-def _has_weight_source(cfg: dict[str, Any]) -> bool:
-    """Whether a pretrained cfg names any weights to load (timm's weight source keys)."""
-    return any(cfg.get(key) for key in ("state_dict", "file", "url", "hf_hub_id"))
-
-
-def _missing_weights_error(
-    variant: str, cfg: dict[str, Any], kwargs: dict[str, Any], error: OSError | None
-) -> RuntimeError:
-    """A ``pretrained=True`` failure that names where it looked (if anywhere) and how to load local weights."""
-    if not _has_weight_source(cfg):
-        name = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
-        problem = f"No pretrained weights exist for {name}: no MRConvNeXt ImageNet weights are published."
-    else:
-        if cfg.get("source") == "local-dir":
-            where = f"local directory {cfg.get('file')!r}"
-        elif cfg.get("file"):
-            where = f"file {cfg['file']!r}"
-        else:
-            from huggingface_hub.constants import HF_HUB_CACHE
-
-            where = f"Hugging Face Hub repo {cfg.get('hf_hub_id')!r} (cache {kwargs.get('cache_dir') or HF_HUB_CACHE})"
-        problem = f"Could not load pretrained weights for {variant} from {where}: {type(error).__name__}: {error}"
-    return RuntimeError(
-        f"{problem}\n"
-        f"To load local weights use timm.create_model({variant!r}, pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')) (a .pth training checkpoint works too), "
-        f"timm.create_model('local-dir:/path/to/export_dir', pretrained=True) for a directory written by "
-        f"`python -m mrconvnext.export`, or timm.create_model({variant!r}, checkpoint_path='/path/to/"
-        f"checkpoint.pth') for a checkpoint in the same (train or deploy) form as the model."
-    )
+    return fold_train_form(state_dict, branches)
 
 
 def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs: Any) -> MRConvNeXt:
-    if pretrained:  # fail before any hub access when no weight source is set
-        overlay = kwargs.get("pretrained_cfg_overlay")
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-        if not _has_weight_source(cfg):
-            raise _missing_weights_error(variant, cfg, kwargs, None)
-    try:
-        return build_model_with_cfg(
-            MRConvNeXt,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-            **kwargs,
-        )
-    except OSError as e:  # hub, network and file errors (huggingface_hub's errors are OSErrors)
-        if not pretrained:
-            raise
-        raise _missing_weights_error(variant, cfg, kwargs, e) from e
+    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
+    unpublished = "MRConvNeXt ImageNet weights"
+    return build_mrconv_model(
+        MRConvNeXt, variant, pretrained, checkpoint_filter_fn, unpublished, feature_cfg=feature_cfg, **kwargs
+    )
 
 
 def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:

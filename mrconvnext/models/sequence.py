@@ -32,13 +32,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, register_model
+from timm.models._helpers import clean_state_dict
 
-from ..mrconv import MRConv
+from ..layers.mrconv import MRConv, fold_train_form, train_form_twins
+from ._builder import ReparameterizeMixin, build_mrconv_model, select_state_dict
 
-__all__ = ["MRConvSequenceModel", "MRConvSequenceBlock"]
+__all__ = ["MRConvSequenceModel", "MRConvSequenceBlock", "checkpoint_filter_fn"]
 
-NORM_TYPES = ("batch", "layer")
+BLOCK_NORMS = ("batch", "layer")
 DEFAULT_MRCONV_KWARGS: dict[str, Any] = dict(kernel_size=8, kernel_type="fourier", bidirectional=True)
 
 
@@ -63,7 +65,7 @@ def _create_norm(block_norm: str, dim: int) -> nn.Module:
         return nn.BatchNorm1d(dim)
     if block_norm == "layer":
         return ChannelsFirstLayerNorm(dim)
-    raise ValueError(f"unknown block_norm {block_norm!r}; expected one of {list(NORM_TYPES)}")
+    raise ValueError(f"unknown block_norm {block_norm!r}; expected one of {list(BLOCK_NORMS)}")
 
 
 class MRConvSequenceBlock(nn.Module):
@@ -116,7 +118,7 @@ class MRConvSequenceBlock(nn.Module):
         return x
 
 
-class MRConvSequenceModel(nn.Module):
+class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
     """MRConv classifier for token or continuous sequences (paper Section 5, Appendix D).
 
     Inputs of ``forward(x, lengths=None, rate=1.0)``:
@@ -212,12 +214,6 @@ class MRConvSequenceModel(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def reparameterize(self) -> None:
-        """Fold every MRConv into its single-kernel deploy form (Eqs. 8, 13, 18); call in eval mode."""
-        for module in self.modules():
-            if isinstance(module, MRConv):
-                module.reparameterize()
 
     # ------------------------------------------------------------------------------ inputs
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,21 +395,16 @@ _MODEL_ARGS = {
 }
 
 
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvSequenceModel) -> dict[str, torch.Tensor]:
+    """A training checkpoint (or bare state dict, prefixes removed) as ``model``'s state dict; train-form MRConv
+    weights are reparameterized (Eqs. 8, 13, 18) when ``model`` is in deploy form."""
+    state_dict = clean_state_dict(select_state_dict(state_dict))
+    return fold_train_form(state_dict, train_form_twins(state_dict, model))
+
+
 def _create_mrconv_sequence(variant: str, pretrained: bool = False, **kwargs) -> MRConvSequenceModel:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-        )
-        if not (cfg.has_weights or cfg.state_dict is not None):
-            raise RuntimeError(
-                f"{variant} has no published weights (the MRConv paper released none). Use pretrained=False, or load "
-                f"your own checkpoint with timm.create_model('{variant}', pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file='/path/to/weights.pth')) or "
-                f"timm.create_model('{variant}', checkpoint_path='/path/to/weights.pth')."
-            )
-    return build_model_with_cfg(MRConvSequenceModel, variant, pretrained, **kwargs)
+    unpublished = "MRConv sequence-model weights (the paper released none)"
+    return build_mrconv_model(MRConvSequenceModel, variant, pretrained, checkpoint_filter_fn, unpublished, **kwargs)
 
 
 def _cfg(task: str, **kwargs) -> dict:

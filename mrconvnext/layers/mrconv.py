@@ -3,17 +3,19 @@
 A layer exists in one of two forms, switched by :meth:`MRConv.reparameterize` (or built directly
 with ``deploy=True``), with one dispatch in :meth:`MRConv.forward`:
 
-* train form (:mod:`~mrconvnext.train_form`): sub-kernels ``k_i`` (:mod:`~mrconvnext.kernels`,
+* train form (:mod:`~mrconvnext.layers.train_form`): sub-kernels ``k_i`` (:mod:`~mrconvnext.layers.kernels`,
   Section 3.3) combined by Eq. 12 with one BatchNorm per resolution
-  (:mod:`~mrconvnext.branch_norm`) and learned ``alpha``; by Eq. 9 scaling (``norm='scale'``); or
+  (:mod:`~mrconvnext.layers.branch_norm`) and learned ``alpha``; by Eq. 9 scaling (``branch_norm='scale'``); or
   concatenated as in SGConv (``combine='concat'``).
-* deploy form (:mod:`~mrconvnext.deploy_form`): one long kernel and a bias (Eq. 13, BN folded
+* deploy form (:mod:`~mrconvnext.layers.deploy_form`): one long kernel and a bias (Eq. 13, BN folded
   with Eq. 18), computed from the train form by :meth:`MRConv.merged_kernel`.
 
-Both convolve with FFTs (:mod:`~mrconvnext.fft_conv`, Section 3.4).
+Both convolve with FFTs (:mod:`~mrconvnext.layers.fft_conv`, Section 3.4).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -24,10 +26,20 @@ from .fft_conv import fft_conv
 from .kernels import KERNEL_TYPES, SubKernels, create_kernel
 from .train_form import batch_norm_conv, concat_kernel, merged_batch_norm_kernel, scaled_kernel
 
-__all__ = ["MRConv", "MRConv2d", "BranchBatchNorm", "resolution_lengths", "COMBINE_MODES", "NORM_TYPES"]
+__all__ = [
+    "MRConv",
+    "MRConv2d",
+    "BranchBatchNorm",
+    "resolution_lengths",
+    "mrconv_form",
+    "train_form_twins",
+    "fold_train_form",
+    "COMBINE_MODES",
+    "BRANCH_NORMS",
+]
 
 COMBINE_MODES = ("sum", "concat")
-NORM_TYPES = ("batch", "scale")
+BRANCH_NORMS = ("batch", "scale")
 
 
 def resolution_lengths(
@@ -52,6 +64,36 @@ def resolution_lengths(
     return [min(n, seq_len) for n in nominal], nominal
 
 
+def mrconv_form(state_dict: Mapping[str, object], prefix: str = "") -> str:
+    """``'train'`` or ``'deploy'``: the form of the MRConv weights under ``prefix`` in ``state_dict``.
+
+    The train form holds sub-kernels (keys ``<prefix>kernel.*``), the deploy form one ``weight`` and
+    ``bias`` per layer (Eq. 13). With the default ``prefix=''`` every MRConv of a model's state dict
+    is looked at: any train-form layer makes it ``'train'``.
+    """
+    train = any(".kernel." in "." + key[len(prefix) :] for key in state_dict if key.startswith(prefix))
+    return "train" if train else "deploy"
+
+
+def train_form_twins(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, MRConv]:
+    """Fresh train-form layers, by key prefix, for the deploy-form MRConvs of ``model`` whose weights
+    ``state_dict`` holds in train form (:func:`fold_train_form` folds them)."""
+    return {
+        name + ".": type(layer)(**layer.config)
+        for name, layer in model.named_modules()
+        if isinstance(layer, MRConv) and layer.deploy and mrconv_form(state_dict, name + ".") == "train"
+    }
+
+
+def fold_train_form(state_dict: dict[str, torch.Tensor], twins: dict[str, MRConv]) -> dict[str, torch.Tensor]:
+    """Replace the train-form weights under each prefix of ``twins`` by the deploy form's ``weight`` and
+    ``bias`` (Eqs. 8, 13, 18): the state dict reparameterized on load. Modifies and returns ``state_dict``."""
+    for prefix, layer in twins.items():
+        layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)})
+        state_dict[prefix + "weight"], state_dict[prefix + "bias"] = layer.merged_kernel()
+    return state_dict
+
+
 class MRConv(nn.Module):
     """Depthwise multi-resolution global convolution over ``(B, dim, L)`` sequences.
 
@@ -67,7 +109,7 @@ class MRConv(nn.Module):
             (SGConv-style concatenation with fixed ``decay``, the Path-X variant).
         decay: fixed decay factor per segment for ``combine='concat'``.
         deploy: build the reparameterized single-kernel form directly.
-        norm: ``'batch'`` (exact per-branch BatchNorm, Eq. 12) or ``'scale'`` (Eq. 9 linear
+        branch_norm: ``'batch'`` (exact per-branch BatchNorm, Eq. 12) or ``'scale'`` (Eq. 9 linear
             rescaling of norm-equalised sub-kernels, merged during training; ``combine='sum'`` only).
     """
 
@@ -84,7 +126,7 @@ class MRConv(nn.Module):
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
         deploy: bool = False,
-        norm: str = "batch",
+        branch_norm: str = "batch",
     ) -> None:
         super().__init__()
         if dim < 1 or seq_len < 1:
@@ -95,12 +137,27 @@ class MRConv(nn.Module):
             raise ValueError(f"unknown kernel_type {kernel_type!r}; expected one of {sorted(KERNEL_TYPES)}")
         if combine not in COMBINE_MODES:
             raise ValueError(f"unknown combine {combine!r}; expected one of {list(COMBINE_MODES)}")
-        if norm not in NORM_TYPES:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {list(NORM_TYPES)}")
-        if norm != "batch" and combine != "sum":
-            raise ValueError(f"norm={norm!r} needs combine='sum' (concat has no per-branch norm), got {combine!r}")
+        if branch_norm not in BRANCH_NORMS:
+            raise ValueError(f"unknown branch_norm {branch_norm!r}; expected one of {list(BRANCH_NORMS)}")
+        if branch_norm != "batch" and combine != "sum":
+            raise ValueError(
+                f"branch_norm={branch_norm!r} needs combine='sum' (concat has no per-branch norm), got {combine!r}"
+            )
         if max_resolutions is not None and max_resolutions < 1:
             raise ValueError(f"max_resolutions must be >= 1 or None, got {max_resolutions}")
+        self.config = dict(  # what the layer was built with: a fresh train-form twin is type(self)(**config)
+            dim=dim,
+            seq_len=seq_len,
+            kernel_size=kernel_size,
+            kernel_type=kernel_type,
+            bidirectional=bidirectional,
+            max_resolutions=max_resolutions,
+            combine=combine,
+            decay=decay,
+            bn_eps=bn_eps,
+            bn_momentum=bn_momentum,
+            branch_norm=branch_norm,
+        )
         self.dim = dim
         self.seq_len = seq_len
         self.kernel_size = kernel_size
@@ -108,7 +165,7 @@ class MRConv(nn.Module):
         self.bidirectional = bidirectional
         self.combine = combine
         self.decay = decay
-        self.norm_type = norm
+        self.branch_norm = branch_norm
         self.num_directions = 2 if bidirectional else 1
         self.lengths, self.nominal_lengths = resolution_lengths(seq_len, kernel_size, max_resolutions, combine)
         self.num_resolutions = len(self.lengths)
@@ -125,7 +182,7 @@ class MRConv(nn.Module):
             kernel_type, dim, kernel_size, self.lengths, self.nominal_lengths, self.num_directions
         )
         if combine == "sum":
-            if norm == "batch":
+            if branch_norm == "batch":
                 self.norm = BranchBatchNorm(self.num_resolutions, dim, eps=bn_eps, momentum=bn_momentum)
             else:
                 with torch.no_grad():
@@ -145,13 +202,13 @@ class MRConv(nn.Module):
 
     # ----------------------------------------------------------------------------- train form
     def _train_kernel(self, rate: float = 1.0) -> torch.Tensor:
-        """The one merged kernel ``(dirs, D, K)`` of ``combine='concat'`` or ``norm='scale'``."""
+        """The one merged kernel ``(dirs, D, K)`` of ``combine='concat'`` or ``branch_norm='scale'``."""
         if self.combine == "concat":
             return concat_kernel(self.kernel, self.decay, self.seq_len, rate) / self.kernel_norm
         return scaled_kernel(self.kernel, self.alpha, self.kernel_norm, rate)
 
     def _train_form(self, x: torch.Tensor, rate: float) -> torch.Tensor:
-        if self.combine == "sum" and self.norm_type == "batch":
+        if self.combine == "sum" and self.branch_norm == "batch":
             return batch_norm_conv(x, self.kernel, self.norm, self.alpha, self.bidirectional, rate)
         kernel = self._train_kernel(rate)
         return fft_conv(x, kernel if self.bidirectional else kernel[0], self.bidirectional)
@@ -166,7 +223,7 @@ class MRConv(nn.Module):
         if self.deploy:
             return self.weight.detach().clone(), self.bias.detach().clone()
         dtype = next(self.parameters()).dtype
-        if self.combine == "sum" and self.norm_type == "batch":
+        if self.combine == "sum" and self.branch_norm == "batch":
             kernel, bias = merged_batch_norm_kernel(self.kernel, self.norm, self.alpha)
         else:
             kernel = self._train_kernel().double()
@@ -213,6 +270,12 @@ class MRConv(nn.Module):
 
     def _forward_seq(self, x: torch.Tensor, rate: float) -> torch.Tensor:
         """The one dispatch between the forms, for ``(B, dim, L)``."""
+        if torch.jit.is_tracing():  # TorchScript tracing (timm's onnx_export.py without --dynamo)
+            raise RuntimeError(
+                "MRConv's FFT convolution cannot be traced by TorchScript: export MRConv models with "
+                "`python -m mrconvnext.export --format onnx` (or mrconvnext.utils.onnx.export_onnx), which swaps "
+                "every MRConv for its export form (LongConv)"
+            )
         if not self.deploy:
             return self._train_form(x, rate)
         if rate != 1:
@@ -226,7 +289,7 @@ class MRConv(nn.Module):
         return (
             f"dim={self.dim}, seq_len={self.seq_len}, kernel_size={self.kernel_size}, "
             f"kernel_type={self.kernel_type!r}, bidirectional={self.bidirectional}, combine={self.combine!r}, "
-            f"norm={self.norm_type!r}, "
+            f"branch_norm={self.branch_norm!r}, "
             f"lengths={self.lengths}, deploy={self.deploy}"
         )
 

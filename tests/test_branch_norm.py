@@ -1,4 +1,4 @@
-"""``--mrconv-norm``: train_imagenet.py records it, validate.py and export rebuild the form; the BN-vs-scale benchmark."""
+"""``--branch-norm``: train_imagenet.py records it, validate.py and export rebuild the form; the BN-vs-scale benchmark."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-import train_imagenet
-import validate
+from mrconvnext import train_imagenet, validate
 from mrconvnext.demo import make_shapes_dataset
 from mrconvnext.export import main as export_main
-from train_imagenet import PreflightError
+from mrconvnext.utils.training import PreflightError
 
 from .reference import rel_err
 
@@ -42,25 +41,25 @@ def scale_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
     AcceleratorState._reset_state(reset_partial_state=True)
     argv = [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(out), "--experiment", "scale"]
-    train_imagenet.main([*argv, "--mrconv-norm", "scale"])
+    train_imagenet.train([*argv, "--branch-norm", "scale"])
     return out / "scale"
 
 
 def test_checkpoint_records_scale_form(scale_run) -> None:
     checkpoint = torch.load(scale_run / "last.pth", map_location="cpu", weights_only=True)
-    assert checkpoint["mrconv_norm"] == "scale"
+    assert checkpoint["model_args"]["mrconv_kwargs"] == {"branch_norm": "scale"}
     keys = checkpoint["state_dict"].keys()
     assert "stages.0.blocks.0.conv_dw.kernel_norm" in keys and "stages.0.blocks.0.conv_dw.alpha" in keys
     assert not any(".conv_dw.norm." in k for k in keys)  # no per-resolution BatchNorm
     meta = json.loads(next((scale_run / "checkpoints").glob("epoch_*/meta.json")).read_text())
-    assert meta["mrconv_norm"] == "scale"
+    assert meta["branch_norm"] == "scale"
 
 
 def test_validate_rebuilds_scale_form(scale_run, data_dir, capsys) -> None:
     rows = []
     for extra in ([], ["--reparam"]):
-        argv = ["--data-dir", str(data_dir), "--model", "mrconvnext_atto", "--checkpoint", str(scale_run / "last.pth")]
-        argv += ["--img-size", "32", "--crop-pct", "1.0", "-b", "4", "-j", "0", "--device", "cpu", *extra]
+        argv = ["--data-dir", str(data_dir), "--checkpoint", str(scale_run / "last.pth")]  # no model flag
+        argv += ["-b", "4", "-j", "0", "--device", "cpu", *extra]
         assert validate.main(argv) == 0, capsys.readouterr().err
         rows.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-4)
@@ -68,23 +67,12 @@ def test_validate_rebuilds_scale_form(scale_run, data_dir, capsys) -> None:
 
 def test_export_rebuilds_scale_form(scale_run, tmp_path, capsys) -> None:
     out = tmp_path / "deploy"
-    export_main(
-        [
-            "--model",
-            "mrconvnext_atto",
-            "--checkpoint",
-            str(scale_run / "last.pth"),
-            "--output",
-            str(out),
-            "--img-size",
-            "32",
-        ]
-    )
+    assert export_main(["--checkpoint", str(scale_run / "last.pth"), "--output", str(out)]) == 0  # no model flag
     assert "relative difference" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert config["model_args"]["mrconv_kwargs"] == {"norm": "scale"}
+    assert config["model_args"]["mrconv_kwargs"] == {"branch_norm": "scale"}
     deployed = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    trained = timm.create_model("mrconvnext_atto", num_classes=2, img_size=32, mrconv_kwargs=dict(norm="scale"))
+    trained = timm.create_model("mrconvnext_atto", num_classes=2, img_size=32, mrconv_kwargs=dict(branch_norm="scale"))
     saved = torch.load(scale_run / "last.pth", weights_only=True)
     trained.load_state_dict(saved.get("state_dict_ema", saved["state_dict"]))  # export takes the EMA, as timm does
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -94,19 +82,19 @@ def test_export_rebuilds_scale_form(scale_run, tmp_path, capsys) -> None:
 
 def test_scale_needs_an_mrconvnext(data_dir, tmp_path) -> None:
     argv = [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--model", "convnext_atto"]
-    with pytest.raises(PreflightError, match="--mrconv-norm scale needs an MRConvNeXt model, got 'convnext_atto'"):
-        train_imagenet.main([*argv, "--mrconv-norm", "scale"])
+    with pytest.raises(PreflightError, match="--branch-norm scale needs an MRConvNeXt model, got 'convnext_atto'"):
+        train_imagenet.train([*argv, "--branch-norm", "scale"])
 
 
 def test_resume_with_other_norm(scale_run, data_dir, tmp_path) -> None:
     argv = [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--resume", str(scale_run)]
-    with pytest.raises(PreflightError, match="trained with --mrconv-norm scale, this run has batch"):
-        train_imagenet.main([*argv, "--epochs", "2"])
+    with pytest.raises(PreflightError, match="trained with --branch-norm scale, this run has batch"):
+        train_imagenet.train([*argv, "--epochs", "2"])
 
 
 def test_norm_benchmark_prints_the_table(data_dir, tmp_path) -> None:
-    """``benchmarks/mrconv_norm.py`` as the README runs it, with one seed, one epoch and few timing rounds."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "mrconv_norm.py"), str(data_dir), "--num-classes", "2"]
+    """``benchmarks/branch_norm.py`` as the README runs it, with one seed, one epoch and few timing rounds."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "branch_norm.py"), str(data_dir), "--num-classes", "2"]
     cmd += ["--epochs", "1", "-b", "8", "--seeds", "0", "--step-repeats", "2", "--output", str(tmp_path / "runs")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,7 +4,7 @@
 the statistics after a training step and folds them into a per-branch affine map for the deploy
 form (Eq. 18). :func:`branch_bn_conv` is the fused training step, with its notation ``u`` the input
 ``(B, D, L)``, ``kb`` circular kernel buffers of length ``n``
-(:func:`~mrconvnext.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K_i = rfft(kb_i)``.
+(:func:`~mrconvnext.layers.fft_conv.kernel_buffer`), ``U = rfft(u)``, ``K_i = rfft(kb_i)``.
 
 Branch outputs ``c_i = irfft(U K_i)[:L]`` and batch statistics ``mu_i, sigma_i`` over ``(B, L)``
 make the layer affine in the centred branch outputs::
@@ -24,7 +24,7 @@ hence ``dL/du = irfft(sum_i conj(K_i) FFT(dL/dc_i))[:L]``: one ``rfft`` of ``dy`
 its spectrum halves that memory) and one ``irfft``. The reductions over the batch (``m_i`` by
 Parseval, kernel gradients ``sum_b conj(U_b) FFT(dL/dc_i)_b``) use spectra already at hand
 and leave one small ``irfft`` of ``(N, D, n)`` without a batch factor. As in
-:func:`~mrconvnext.fft_conv.conv_buffer`, the loops run over cache-sized blocks of channels.
+:func:`~mrconvnext.layers.fft_conv.conv_buffer`, the loops run over cache-sized blocks of channels.
 """
 
 from __future__ import annotations

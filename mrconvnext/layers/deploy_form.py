@@ -3,7 +3,7 @@
     y = k_rep * u + b
 
 With gradients (fine-tuning a deployed layer) the kernel goes through the differentiable
-:func:`~mrconvnext.fft_conv.conv_buffer`. For inference the kernel is fixed, so its spectrum is
+:func:`~mrconvnext.layers.fft_conv.conv_buffer`. For inference the kernel is fixed, so its spectrum is
 cached per layer, keyed by sequence length, device and dtype and checked against the parameters'
 version counters and storage (in-place updates, ``load_state_dict`` and moves invalidate it); the
 bias rides in the FFT's DC bin. On the CPU, short sequences use the dense Toeplitz matrix instead.
@@ -27,14 +27,14 @@ __all__ = ["deploy_conv"]
 
 # On the CPU, sequences up to this length use a dense Toeplitz matmul for inference: at L = 49 it was
 # 2.7x faster than rfft + mul + irfft (1 CPU thread), at L = 196 1.3x slower.
-TOEPLITZ_MAX_LEN = 128
+EAGER_TOEPLITZ_MAX_LEN = 128
 _CACHE_SIZE = 8
 
 
 def deploy_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool, cache: dict
 ) -> torch.Tensor:
-    """``weight * x + bias`` for ``x`` ``(B, D, L)``, ``weight`` in :func:`~mrconvnext.fft_conv.fft_conv`'s layout.
+    """``weight * x + bias`` for ``x`` ``(B, D, L)``, ``weight`` in :func:`~mrconvnext.layers.fft_conv.fft_conv`'s layout.
 
     ``cache`` is the layer's own dict of inference kernels (spectra or Toeplitz matrices).
     """
@@ -52,7 +52,7 @@ def _cached_inference(
     u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool, cache: dict
 ) -> torch.Tensor:
     seq_len = u.shape[-1]
-    direct = seq_len <= TOEPLITZ_MAX_LEN and u.device.type == "cpu"
+    direct = seq_len <= EAGER_TOEPLITZ_MAX_LEN and u.device.type == "cpu"
     n = fft_length(seq_len, weight.shape[-1], bidirectional)
     # under torch.compile the kernel is computed in the graph (a Python-side cache would invalidate the
     # compiled guards on every call); inference tensors have no version counter; meta tensors no storage

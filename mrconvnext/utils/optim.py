@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .mrconv import MRConv
+from ..layers.mrconv import MRConv
 
 __all__ = ["mrconv_param_groups"]
 

@@ -1,14 +1,14 @@
 """The train form of MRConv: sub-kernels combined as in training (paper Sections 3.1-3.3, Appendix D.2.3).
 
-``norm='batch'``, ``combine='sum'`` (Eq. 12)::
+``branch_norm='batch'``, ``combine='sum'`` (Eq. 12)::
 
     y = sum_i alpha_i * BN_i(k_i * u)            k_i of length l_0 * 2^i, i = 0 .. N-1
 
 In training one fused step computes every branch with its batch statistics
-(:func:`~mrconvnext.branch_norm.branch_bn_conv`); in eval mode the BatchNorms are affine maps (Eq. 18)
+(:func:`~mrconvnext.layers.branch_norm.branch_bn_conv`); in eval mode the BatchNorms are affine maps (Eq. 18)
 and the branches merge into one kernel and bias (Eqs. 8, 13): one convolution.
 
-``norm='scale'`` (Eq. 9 with norm-equalised sub-kernels, proposed in Section 6)::
+``branch_norm='scale'`` (Eq. 9 with norm-equalised sub-kernels, proposed in Section 6)::
 
     y = (sum_i alpha_i * pad(k_i) / z_i) * u     z_i the sub-kernel norms at construction
 

@@ -1,10 +1,10 @@
-"""MRConv's BatchNorm form against ``norm='scale'`` (paper Section 6, Eq. 9): accuracy and training step time.
+"""MRConv's BatchNorm form against ``branch_norm='scale'`` (paper Section 6, Eq. 9): accuracy and training step time.
 
     python benchmarks/digits_folder.py digits --size 32
-    python benchmarks/mrconv_norm.py digits [--epochs 10] [--seeds 0 1 2] [--output output/mrconv_norm]
+    python benchmarks/branch_norm.py digits [--epochs 10] [--seeds 0 1 2] [--output output/branch_norm]
 
 Accuracy: ``train_imagenet.py`` trains ``--model`` (``mrconvnext_atto``) at the data's image size once per seed
-and ``--mrconv-norm``, with one recipe for both (``make demo``'s, without horizontal flips, which would turn
+and ``--branch-norm``, with one recipe for both (``make demo``'s, without horizontal flips, which would turn
 digits into other shapes); the table shows the last epoch's top-1 on ``val/`` (no choice of epoch on the
 validation set), its mean and sample standard deviation over the seeds, and each seed's value.
 
@@ -43,7 +43,7 @@ def train_command(data_dir: Path, args: argparse.Namespace, norm: str, seed: int
     cmd += ["-b", str(args.batch_size), "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-5"]
     cmd += ["--weight-decay", "0.05", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
     cmd += ["--smoothing", "0", "--drop-path", "0", "--scale", "0.8", "1", "--hflip", "0", "--color-jitter", "0"]
-    cmd += ["--crop-pct", "1.0", "--workers", "1", "--seed", str(seed), "--mrconv-norm", norm]
+    cmd += ["--crop-pct", "1.0", "--workers", "1", "--seed", str(seed), "--branch-norm", norm]
     cmd += ["--output", str(output), "--experiment", f"{norm}-seed{seed}"]
     return cmd
 
@@ -61,7 +61,7 @@ def step_time_ratio(args: argparse.Namespace) -> tuple[float, float, float]:
     steps = {}
     for norm in NORMS:
         model = timm.create_model(
-            args.model, img_size=args.img_size, num_classes=args.num_classes, mrconv_kwargs=dict(norm=norm)
+            args.model, img_size=args.img_size, num_classes=args.num_classes, mrconv_kwargs=dict(branch_norm=norm)
         ).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("-b", "--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--step-repeats", type=int, default=20, help="timed rounds of the step-time comparison")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "output" / "mrconv_norm")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "output" / "branch_norm")
     args = parser.parse_args(argv)
     if not (args.data_dir / "train").is_dir() or not (args.data_dir / "val").is_dir():
         parser.error(f"{args.data_dir} needs train/ and val/ folders (python benchmarks/digits_folder.py OUT)")

@@ -1,0 +1,135 @@
+"""The one timing and memory helper of the benchmarks: round-robin timing in one process, peak step memory.
+
+Every comparison runs its candidates round-robin (baseline, candidate, baseline, ...) after warm-up rounds;
+a ratio is the median over rounds of each round's candidate / baseline, whose two runs are back to back, so
+slow drifts of a shared machine cancel. Peak training memory on the CPU is the growth of the peak resident
+set (``VmHWM``) over one step, measured in a fresh subprocess; on CUDA it is ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+import mrconvnext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median of the per-round ratios and their range (how noisy the machine was)."""
+
+    median: float
+    low: float
+    high: float
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each function, one entry per round (all functions run once per round)."""
+
+    times: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, candidate: str, *baselines: str) -> Ratio:
+        """Median over rounds of ``candidate / sum(baselines)``: each round's runs are back to back,
+        so drifts of a shared machine slower than one round cancel."""
+        rounds = zip(self.times[candidate], *(self.times[name] for name in baselines), strict=True)
+        ratios = [cand / sum(bases) for cand, *bases in rounds]
+        return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> Timings:
+    """Time each function ``repeats`` times, round-robin, after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_idx in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_idx >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return Timings(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def step_memory(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory (MiB) of one call of ``step`` above what exists before it; ``step`` runs once untimed first
+    (optimizer state and gradients exist before the measured step, as in steady-state training).
+
+    On the CPU this must run in a fresh process (:func:`step_memory_in_subprocess`): it resets this process's
+    ``VmHWM`` to the current RSS (``ru_maxrss`` would not do: Linux carries it over through fork and exec).
+    """
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def step_memory_in_subprocess(function: str, *args: object) -> float:
+    """:func:`step_memory` of ``module.function(*args)`` (a step function factory) in a fresh CPU process."""
+    module, name = function.rsplit(".", 1)
+    code = (
+        f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from {module} import {name}; "
+        f"from benchmarks.timing import step_memory; print(json.dumps(step_memory({name}(*{args!r}), "
+        "torch.device('cpu'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine_info(device: torch.device) -> list[str]:
+    """CPU, thread count, versions and allocator settings (they change the CPU training figures)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = [
+        f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"mrconvnext {mrconvnext.__version__}, {platform.platform()}",
+    ]
+    tuning = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "THP_", "LD_PRELOAD"))]
+    info.append(f"allocator: {', '.join(tuning) if tuning else 'default (glibc malloc, no tuning variables)'}")
+    if device.type == "cuda":
+        info.append(f"GPU: {torch.cuda.get_device_name(device)} (bf16 autocast)")
+    return info

@@ -38,6 +38,7 @@ from benchmarks.timing import (  # noqa: E402
     machine_info,
     step_memory,
     step_memory_in_subprocess,
+    train_step,
 )
 from tests.reference import branch_bn_autograd  # noqa: E402
 
@@ -85,15 +86,7 @@ def train_step_fn(model: torch.nn.Module, batch: int, device: torch.device) -> C
     x = torch.randn(batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        with autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return train_step(model, x, target, optimizer)
 
 
 def bench_inference(args, device) -> list[Row]:

@@ -27,7 +27,7 @@ import torch
 
 import mrconvnext  # noqa: F401
 from benchmarks.s4d import S4DConv
-from benchmarks.timing import autocast, compare, machine_info, step_memory, step_memory_in_subprocess, sync
+from benchmarks.timing import autocast, compare, machine_info, step_memory, step_memory_in_subprocess, sync, train_step
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx", "scifar", "speech")
 INFERENCE = {"Text": ("mrconv_text_base", 4), "Image": ("mrconv_image_base", 8)}  # model, batch
@@ -46,15 +46,7 @@ def example_batch(model, batch: int, device: torch.device) -> tuple[torch.Tensor
 def train_step_fn(model, batch: int, device: torch.device):
     x, target = example_batch(model, batch, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        with autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return train_step(model, x, target, optimizer)
 
 
 def training_step(name: str, batch: int) -> Callable[[], None]:

@@ -78,6 +78,22 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, dev
     return Timings(times)
 
 
+def train_step(
+    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> Callable[[], None]:
+    """One training step (forward, cross-entropy backward, optimizer step) on a fixed batch."""
+    device = x.device
+
+    def step() -> None:
+        with autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

@@ -28,10 +28,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.models._hub import save_for_hf
-from timm.utils import ParseKwargs, reparameterize_model
+from timm.utils import reparameterize_model
 
 from .layers.long_conv import LONG_CONV_METHODS
-from .utils.checkpoint import CheckpointError, create_model_from_checkpoint, is_mrconv_model, read_checkpoint
+from .utils.checkpoint import (
+    CheckpointError,
+    add_checkpoint_arguments,
+    create_model_from_checkpoint,
+    is_mrconv_model,
+    read_checkpoint,
+)
 from .utils.files import publish
 from .utils.onnx import example_inputs, export_onnx, planned_input
 
@@ -101,14 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help="training checkpoint (.pth/.pth.tar), .safetensors or folder"
-    )
+    add_checkpoint_arguments(parser)
     parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json (or model.onnx)")
-    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
-    parser.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
-    )
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy", help="reparameterized or train form")
     parser.add_argument("--no-ema", action="store_true", help="export 'state_dict' even if 'state_dict_ema' exists")
     parser.add_argument("--no-verify", action="store_true", help="skip the train-vs-deploy / onnxruntime check")

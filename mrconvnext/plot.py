@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.utils import ParseKwargs
 
 from .layers.mrconv import MRConv
 from .models.mrconvnext import MRConvNeXt
-from .utils.checkpoint import CheckpointError, create_model_from_checkpoint, is_mrconv_model
+from .utils.checkpoint import CheckpointError, add_checkpoint_arguments, create_model_from_checkpoint, is_mrconv_model
 from .utils.files import atomic_path
 
 __all__ = ["PLOT_KINDS", "feature_map_kernel", "plot_model", "resolution_shares"]
@@ -278,14 +277,8 @@ def _available(model: nn.Module, kind: str, deploy: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument(
-        "--checkpoint", required=True, help="train- or deploy-form checkpoint (.pth, .safetensors) or export folder"
-    )
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, help="folder for the PNGs")
-    parser.add_argument("--model", default=None, help="registered MRConv model name (default: the checkpoint's)")
-    parser.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
-    )
     parser.add_argument("--plots", nargs="+", choices=PLOT_KINDS, default=None, help="default: all the model has")
     parser.add_argument("--channels", type=int, default=4, help="kernels drawn per layer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the channel choice")

@@ -45,7 +45,7 @@ import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
 from mrconvnext.data import transforms as mrconvnext_transforms
 from mrconvnext.layers.mrconv import BRANCH_NORMS, MRConv
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args
+from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
 # Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
 # commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop
@@ -493,13 +493,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: train; a configuration or data problem is one error line and exit status 1."""
-    try:
-        train(argv)
-    except PreflightError as err:
-        print(f"train_imagenet.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(train, argv, "train_imagenet.py")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from mrconvnext.layers.mrconv import BRANCH_NORMS
 from mrconvnext.utils.checkpoint import read_checkpoint
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args
+from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
 # Tables 5 and 6 (identical in these columns for the base and large models): global lr, weight decay, batch
 # size and epochs per task; the kernel lr is 0.001 without weight decay throughout (Appendix D.1.1).
@@ -272,13 +272,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: train; a configuration or data problem is one error line and exit status 1."""
-    try:
-        train(argv)
-    except PreflightError as err:
-        print(f"train_sequence.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(train, argv, "train_sequence.py")
 
 
 if __name__ == "__main__":

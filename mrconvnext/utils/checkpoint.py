@@ -48,7 +48,7 @@ from timm.models import (
     split_model_name_tag,
 )
 from timm.models._helpers import clean_state_dict
-from timm.utils import reparameterize_model
+from timm.utils import ParseKwargs, reparameterize_model
 
 from ..layers.mrconv import mrconv_form
 from ..models._builder import select_state_dict
@@ -56,6 +56,7 @@ from .files import atomic_path
 
 __all__ = [
     "DATA_CONFIG_KEYS",
+    "add_checkpoint_arguments",
     "Checkpoint",
     "CheckpointError",
     "checkpoint_record",
@@ -72,6 +73,18 @@ _EXPORT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's save
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model asked for; the message names both."""
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--model`` and ``--model-kwargs`` of a tool that reads a checkpoint with
+    :func:`create_model_from_checkpoint` (the model and its arguments default to the recorded ones)."""
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint (.pth / .pth.tar / .safetensors) or export folder"
+    )
+    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
+    parser.add_argument(
+        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
+    )
 
 
 def is_mrconv_model(name: str) -> bool:

@@ -57,6 +57,7 @@ __all__ = [
     "add_run_arguments",
     "find_checkpoint",
     "parse_args",
+    "run_main",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -112,6 +113,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     args = parser.parse_args(argv)
     args.config = known.config
     return args
+
+
+def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:
+    """A training script's command line: ``train(argv)``; a configuration or data problem is one
+    ``prog: error: ...`` line and exit status 1."""
+    try:
+        train(argv)
+    except PreflightError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ run folder state

@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for form, extra in (("train form", []), ("deploy form", ["--reparam"])):
         results_file = run_dir / f"validate_{'deploy' if extra else 'train'}.json"
-        cmd = ["--data-dir", str(data_dir / "val"), "--model", args.model]
-        cmd += ["--checkpoint", str(run_dir / "model_best.pth"), "--img-size", str(args.img_size), "--crop-pct", "1.0"]
-        cmd += ["--workers", "1", "--results-file", str(results_file), *extra]
+        cmd = ["--data-dir", str(data_dir / "val"), "--checkpoint", str(run_dir / "model_best.pth")]  # it records
+        cmd += ["--workers", "1", "--results-file", str(results_file), *extra]  # model, size, crop and norm
         _run("mrconvnext.validate", cmd)
         results[form] = json.loads(results_file.read_text())[-1]  # validate.py appends rows to a JSON list
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     diff = abs(results["train form"]["top1"] - results["deploy form"]["top1"])
     print(f"top-1 difference train vs deploy: {diff:.2f} points; chance is {100 / len(SHAPES):.0f}%")
-    plot_cmd = ["--model", args.model, "--checkpoint", str(run_dir / "model_best.pth")]
+    plot_cmd = ["--checkpoint", str(run_dir / "model_best.pth")]
     _run("mrconvnext.plot", [*plot_cmd, "--out", str(Path(args.output) / "plots")])
     print(f"training took {train_s:.0f} s, the whole demo {time.perf_counter() - start:.0f} s")
     if diff > 0.5:

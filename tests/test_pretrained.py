@@ -23,6 +23,7 @@ import torch
 import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext.export import export_model, main
 from mrconvnext.models.mrconvnext import MRConvNeXt, checkpoint_filter_fn
+from mrconvnext.utils.checkpoint import checkpoint_record, save_checkpoint_file
 
 from .reference import rel_err
 from .test_mrconvnext import _randomize_model_
@@ -324,15 +325,12 @@ def _readme_command(prefix: str) -> list[str]:
 
 def test_readme_export_command_on_a_non_224_checkpoint(tmp_path) -> None:
     """The README's export command as written, on a training checkpoint of another size: the size it records is used."""
-    command = _readme_command("python -m mrconvnext.export")
-    model_name = command[command.index("--model") + 1]
+    command = _readme_command("python -m mrconvnext.export --checkpoint")
     checkpoint, output = command[command.index("--checkpoint") + 1], command[command.index("--output") + 1]
-    model = timm.create_model(model_name, img_size=SIZE, num_classes=5).eval()
+    model = timm.create_model(NAME, img_size=SIZE, num_classes=5).eval()
     _randomize_model_(model, seed=4)
     state = model.state_dict()
-    torch.save(
-        {"state_dict": state, "state_dict_ema": state, "num_classes": 5, "img_size": SIZE}, tmp_path / checkpoint
-    )
+    save_checkpoint_file(checkpoint_record(model, state_dict_ema=state), tmp_path / checkpoint)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600

@@ -30,6 +30,7 @@ import torch
 import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext.demo import make_shapes_dataset
 from mrconvnext.export import export_model
+from mrconvnext.utils.checkpoint import checkpoint_record, save_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -100,7 +101,8 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"make (test|test-slow|lint|format)\b": "suite",
     r"make selfcheck": ("tests/test_readme.py::test_selfcheck_runs",),
     r"make benchmark": ("tests/test_readme.py::test_benchmark_script_runs",),
-    r"python -m mrconvnext\.export --model \S+ --checkpoint ckpt\.pth --output deploy_dir/?$": (
+    r"python -m mrconvnext\.<tool>$": "not run: the pattern of the tools' commands, full commands below",
+    r"python -m mrconvnext\.export --checkpoint ckpt\.pth --output deploy_dir/?$": (
         "tests/test_pretrained.py::test_readme_export_command_on_a_non_224_checkpoint",
     ),
     r"python -m mrconvnext\.(demo|train_imagenet|validate)$": (
@@ -117,7 +119,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_recipe.py::test_default_recipe_trains",
     ),
     r"accelerate launch --num_processes 2": "not run: documented as not starting two processes on a CPU-only machine",
-    r"python validate\.py --data-dir /data/imagenet --model mrconvnext_tiny --checkpoint model_best\.pth": (
+    r"python validate\.py --data-dir /data/imagenet --checkpoint model_best\.pth": (
         "tests/test_validate.py::test_accuracy_matches_independent_evaluation",
         "tests/test_validate.py::test_reparam_gives_same_accuracy",
         "tests/test_validate.py::test_compare_reparam_reports_small_difference",
@@ -125,7 +127,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"torchrun --nproc_per_node \d+ validate\.py": (
         "tests/test_validate.py::test_torchrun_two_processes_count_each_image_once",
     ),
-    r"python validate\.py --data-dir \. --model mrconvnext_atto --checkpoint model_best\.pth": "here",
+    r"python validate\.py --data-dir \. --checkpoint model_best\.pth": "here",
     r"python benchmarks/throughput\.py --model": "here",
     # ConvNeXt -> MRConvNeXt measurement block, run as written with one epoch per training
     r"(OUT=/tmp/convnext-digits|RECIPE=)": ("tests/test_convert.py::test_readme_conversion_commands",),
@@ -139,12 +141,15 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_branch_norm.py::test_digits_folder_as_the_readme_runs_it",
     ),
     r"python benchmarks/branch_norm\.py digits$": ("tests/test_branch_norm.py::test_norm_benchmark_prints_the_table",),
-    r"python -m mrconvnext\.plot --model \S+ --checkpoint \S+ --out \S+$": (
+    r"python -m mrconvnext\.plot (--model \S+ )?--checkpoint \S+ --out \S+$": (
         "tests/test_plot.py::test_cli_writes_every_plot_kind",
         "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),
     r"python -m mrconvnext\.(plot|export)( --format onnx)?$": "not run: a program named in prose, full commands above",
-    r"pip install [\"']mrconvnext\[(plot|export)\][\"']$": "suite: the dev extra `make test` installs includes it",
+    r"pip install [\"']\.\[(plot|export)\][\"']$": "suite: the dev extra `make test` installs includes it",
+    r"pip install \.$": (
+        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+    ),
     r"python -m mrconvnext\.export --format onnx --checkpoint": (
         "tests/test_onnx_export.py::test_readme_deploy_commands",
     ),
@@ -215,17 +220,17 @@ def workdir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model("mrconvnext_tiny")
     state = model.state_dict()
-    torch.save({"state_dict": state, "state_dict_ema": state, "num_classes": 1000, "img_size": 224}, root / "ckpt.pth")
+    save_checkpoint_file(checkpoint_record(model, state_dict_ema=state), root / "ckpt.pth")
     (root / "output" / "train" / "RUN").mkdir(parents=True)
     os.link(root / "ckpt.pth", root / "output" / "train" / "RUN" / "model_best.pth")
-    export_model(root / "ckpt.pth", root / "deploy_dir", "mrconvnext_tiny", verify=False)
+    export_model(root / "ckpt.pth", root / "deploy_dir", verify=False)
     _add_to_hf_cache(root / "hf-cache", "org/repo", root / "deploy_dir")
     # the validate.py sample: a 10-class folder of 50 images in the working directory, an atto checkpoint at 64 px
     make_shapes_dataset(root / "shapes", 5, 0, size=64, classes=tuple(f"c{i}" for i in range(10)), seed=0)
     for folder in (root / "shapes" / "train").iterdir():
         shutil.move(folder, root / folder.name)
     atto = timm.create_model("mrconvnext_atto", img_size=64, num_classes=10)
-    torch.save({"state_dict": atto.state_dict(), "num_classes": 10, "img_size": 64}, root / "model_best.pth")
+    save_checkpoint_file(checkpoint_record(atto), root / "model_best.pth")
     return root
 
 

@@ -174,7 +174,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"ONNX export needs {module!r}: pip install 'mrconvnext[export]' (onnx, onnxscript, onnxruntime)"
+            f"ONNX export needs {module!r}: pip install onnx onnxscript onnxruntime (or, in a clone of mrconvnext, pip install '.[export]')"
         ) from e
 
 

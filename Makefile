@@ -12,10 +12,12 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# one pytest worker per core, each test file on one worker (its module fixtures built once), one torch
+# thread per process: CPU tests in parallel, not OpenMP threads oversubscribing the cores
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

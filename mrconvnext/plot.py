@@ -45,7 +45,9 @@ def _figure():
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("mrconvnext.plot needs matplotlib: pip install matplotlib (or, in a clone of mrconvnext, pip install '.[plot]')") from e
+        raise ImportError(
+            "mrconvnext.plot needs matplotlib: pip install matplotlib (or, in a clone of mrconvnext, pip install '.[plot]')"
+        ) from e
     return Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
 
 

@@ -13,10 +13,13 @@ checkpoint state come from accelerate, so one script runs under ``python``, ``to
 loader yields micro-batches of ``batch_size / A``. The global batch is ``batch_size * world_size`` and,
 unless ``--lr`` is given, the learning rate is ``--lr-base`` scaled linearly from ``--lr-base-size``.
 
-The run folder (``--output/--experiment``: ``args.yaml``, ``summary.csv``, ``checkpoints/``, ``last.pth``,
-``model_best.pth``) and the run flags are those of :mod:`mrconvnext.utils.training`; ``last.pth`` and
-``model_best.pth`` record the model, its planned size and the evaluation data config with the weights
-(:mod:`mrconvnext.utils.checkpoint`), so validate, export and plot need no model flag.
+``--dataset`` reads ImageNet as an image folder, webdataset tar shards, parquet files or a ``datasets``
+``save_to_disk`` folder (:mod:`mrconvnext.data.images`). The run folder (``--output/--experiment``:
+``args.yaml``, ``summary.csv``, ``checkpoints/``, ``last.pth``, ``model_best.pth``) and the run flags (mid-epoch
+checkpoints, stop signals, resume, non-finite losses, the numbers logged) are those of
+:mod:`mrconvnext.utils.training`; ``last.pth`` and ``model_best.pth`` record the model, its planned size and the
+evaluation data config with the weights (:mod:`mrconvnext.utils.checkpoint`), so validate, export and plot need
+no model flag.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
-from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.readers import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_arch_name, is_model_in_modules, resolve_model_input_args
@@ -42,7 +46,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
+from mrconvnext.data import DataFormatError
 from mrconvnext.data import transforms as mrconvnext_transforms
+from mrconvnext.data.images import DEFAULT_SHUFFLE_WINDOW, create_image_dataset
 from mrconvnext.layers.mrconv import BRANCH_NORMS, MRConv
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
@@ -69,9 +75,23 @@ def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="ImageNet-style folder (train/, val/) or a dataset root")
-    group.add_argument("--dataset", default="", help="timm create_dataset name; '' is an image folder")
+    group.add_argument(
+        "--dataset",
+        default="",
+        help="format of --data-dir: '' an image folder, wds (tar shards), parquet, hfds (save_to_disk), or a timm name",
+    )
     group.add_argument("--train-split", default="train")
-    group.add_argument("--val-split", default="val")
+    group.add_argument("--val-split", default="val", help="'validation' in the webdataset and parquet ImageNet copies")
+    group.add_argument(
+        "--train-num-samples", type=int, default=None, help="wds/parquet: samples per epoch (default: all)"
+    )
+    group.add_argument("--val-num-samples", type=int, default=None, help="wds/parquet: samples validated")
+    group.add_argument(
+        "--shard-shuffle-window",
+        type=int,
+        default=DEFAULT_SHUFFLE_WINDOW,
+        help="wds/parquet: samples are shuffled within windows of this many consecutive samples of shuffled shards",
+    )
     group.add_argument("--num-classes", type=int, default=1000)
     group.add_argument("--img-size", type=int, default=224, help="train and eval image size")
     group.add_argument("--crop-pct", type=float, default=None, help="eval center crop (default: model's)")
@@ -197,6 +217,8 @@ def preflight(args: argparse.Namespace) -> None:
     micro_batch = args.batch_size // args.grad_accum_steps
     if (args.mixup > 0 or args.cutmix > 0) and micro_batch % 2:
         raise PreflightError(f"mixup/cutmix need an even micro-batch, got {micro_batch} (batch size / accum steps)")
+    if args.dataset not in ("", "hfds"):
+        return  # shard formats: their readers name the missing or malformed file (create_loaders)
     if not os.path.isdir(args.data_dir):
         raise PreflightError(f"data directory {args.data_dir!r} does not exist")
     if not os.listdir(args.data_dir):
@@ -307,25 +329,45 @@ def create_train_transform(args: argparse.Namespace, data_config: dict):
 def create_loaders(
     args: argparse.Namespace, data_config: dict, accelerator: Accelerator
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """timm datasets and transforms in plain DataLoaders; ``accelerator.prepare`` shards them."""
-    train_transform = create_train_transform(args, data_config)
-    eval_transform = create_transform(**data_config, is_training=False)
-    train_set = create_dataset(
-        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, transform=train_transform
-    )
-    val_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=eval_transform)
-    common = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
+    """The ``--dataset`` format's datasets (:func:`mrconvnext.data.images.create_image_dataset`) with timm's
+    transforms in plain DataLoaders; ``TrainingRun.prepare`` shards them (sharded formats shard themselves)."""
     micro_batch = args.batch_size // args.grad_accum_steps
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro_batch, shuffle=True, drop_last=True, **common
-    )
     val_batch = args.validation_batch_size or micro_batch
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=val_batch, shuffle=False, **common)
-    if len(train_set) < micro_batch * accelerator.num_processes:
+    common = dict(root=args.data_dir, seed=args.seed, shuffle_window=args.shard_shuffle_window)
+    try:
+        train_set = create_image_dataset(
+            args.dataset,
+            split=args.train_split,
+            train=True,
+            transform=create_train_transform(args, data_config),
+            batch_size=micro_batch,
+            num_samples=args.train_num_samples,
+            **common,
+        )
+        val_set = create_image_dataset(
+            args.dataset,
+            split=args.val_split,
+            train=False,
+            transform=create_transform(**data_config, is_training=False),
+            batch_size=val_batch,
+            num_samples=args.val_num_samples,
+            **common,
+        )
+    except DataFormatError as err:
+        raise PreflightError(str(err)) from err
+    sharded = getattr(train_set, "shards_over_processes", False)
+    images = train_set.num_samples if sharded else len(train_set)
+    if (len(train_set) if sharded else images // accelerator.num_processes) < micro_batch:
         raise PreflightError(
-            f"{len(train_set)} training images are fewer than one global micro-batch "
+            f"{images} training images are fewer than one global micro-batch "
             f"({micro_batch} x {accelerator.num_processes} processes)"
         )
+    loader = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
+    # a sharded dataset shuffles itself (and a DataLoader refuses shuffle=True for an iterable dataset)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=micro_batch, shuffle=not sharded, drop_last=True, **loader
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=val_batch, shuffle=False, **loader)
     return train_loader, val_loader
 
 
@@ -346,6 +388,7 @@ def train(argv: Sequence[str] | None = None) -> dict:
         args,
         name=f"{args.model.replace('/', '_')}-{args.img_size}",
         resume_meta=resume_meta(args),
+        unit="img",
         gradient_accumulation_steps=args.grad_accum_steps,
         dynamo_plugin=TorchDynamoPlugin(backend=args.torchcompile) if args.torchcompile else None,
     ) as run:
@@ -386,7 +429,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
             else None
         ),
     )
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader, val_loader = run.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer,
@@ -442,14 +485,14 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
         data_config=data_config,
     )
     num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    run.log(f"model {args.model}: {num_params / 1e6:.2f}M parameters, {len(train_loader.dataset)} train images")
+    images = len(train_loader) * (args.batch_size // args.grad_accum_steps) * accelerator.num_processes
+    run.log(f"model {args.model}: {num_params / 1e6:.2f}M parameters, {images} training images per epoch")
     run.log(describe_lr(args, global_batch, lr) + f", {args.warmup_epochs} warmup epochs, {args.sched} schedule")
     for warning in schedule_warnings(args, num_epochs, updates_per_epoch * num_epochs):
         run.log(f"warning: {warning}")
 
     row: dict = {}
     for epoch in range(start_epoch, num_epochs):
-        train_loader.set_epoch(epoch)
         train_metrics = run.train_one_epoch(
             epoch,
             model,
@@ -480,7 +523,8 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
         )
         summary = (
             f"epoch {epoch + 1}/{num_epochs}: train loss {row['train_loss']:.4f}, lr {row['lr']:.3e}, "
-            f"{row['samples_s']:.1f} img/s, updates/rank {train_metrics['updates_per_rank']}"
+            f"{row['samples_s']:.1f} img/s, updates/rank {train_metrics['updates_per_rank']}, "
+            f"ETA {timedelta(seconds=round(row['eta_run_s']))}"
         )
         if validate:
             summary += f" | val loss {row['eval_loss']:.4f}, top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}"

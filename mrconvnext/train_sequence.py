@@ -208,9 +208,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         for name, dataset in splits.items()
         if name != "train"
     }
-    model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
+    model, optimizer, train_loader, *prepared = run.prepare(model, optimizer, train_loader, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, prepared, strict=True))
     updates_per_epoch = len(train_loader)
     lr_scheduler = CosineLRScheduler(
@@ -238,7 +236,6 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         f"branch norm {args.branch_norm}; {', '.join(f'{k} {len(v)}' for k, v in splits.items())} examples"
     )
     for epoch in range(start_epoch, args.epochs):
-        train_loader.set_epoch(epoch)
         metrics = run.train_one_epoch(
             epoch, model, train_loader, optimizer, lr_scheduler, loss_fn, updates_per_epoch, clip_grad=args.clip_grad
         )

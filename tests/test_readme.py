@@ -109,6 +109,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),
     r"hf upload ": "not run: uploads to the Hugging Face Hub (no network here)",
+    r"hf download \S+ --repo-type dataset --local-dir ": "not run: downloads from the Hugging Face Hub (no network here)",
     r"accelerate config$": "not run: accelerate's interactive configuration",
     r"(accelerate launch|torchrun --nproc_per_node \d+)$": "not run: a program named in prose, full commands above",
     r"torchrun \.\.\.$": "not run: environment variables for the torchrun commands above",
@@ -117,6 +118,16 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_train.py::test_two_process_run",
         "tests/test_train.py::test_resume_after_kill_matches_uninterrupted",
         "tests/test_recipe.py::test_default_recipe_trains",
+        "tests/test_preemption.py::test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes",
+    ),
+    r"torchrun --nproc_per_node \d+ train_imagenet\.py --dataset (wds|parquet|hfds) --data-dir": (
+        "tests/test_image_data.py::test_train_on_each_format_in_one_process",
+        "tests/test_image_data.py::test_two_processes_validate_as_the_folder_and_train_on_hfds",
+        "tests/test_preemption.py::test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes",
+        "tests/test_preemption.py::test_slurm_script_checkpoints_on_sigusr1_requeues_and_continues",
+    ),
+    r"sbatch examples/slurm/train_imagenet\.sbatch$": (
+        "tests/test_preemption.py::test_slurm_script_checkpoints_on_sigusr1_requeues_and_continues",
     ),
     r"accelerate launch --num_processes 2": "not run: documented as not starting two processes on a CPU-only machine",
     r"python validate\.py --data-dir /data/imagenet --checkpoint model_best\.pth": (
@@ -146,7 +157,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),
     r"python -m mrconvnext\.(plot|export)( --format onnx)?$": "not run: a program named in prose, full commands above",
-    r"pip install [\"']\.\[(plot|export)\][\"']$": "suite: the dev extra `make test` installs includes it",
+    r"pip install [\"']\.\[(plot|export|data)\][\"']$": "suite: the dev extra `make test` installs includes it",
     r"pip install \.$": (
         "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
     ),

@@ -1,14 +1,18 @@
-"""train_imagenet.py: a 2-process CPU run with kill + resume, and the pre-flight errors.
+"""train_imagenet.py: a 2-process CPU run with kill + resume, the numbers it logs, non-finite losses, and the
+pre-flight errors.
 
-The end-to-end runs launch ``torchrun --nproc_per_node 2`` (gloo) on a generated shapes ImageFolder.
-An audit hook (``sitecustomize`` on ``PYTHONPATH``) records, per rank, every file Python opens for writing
-and every rename, so the tests can see which process committed each checkpoint (by renaming it into
-place) and wrote the CSV.
+The end-to-end runs launch ``torchrun --nproc_per_node 2`` (gloo) on a generated shapes ImageFolder, with a
+checkpoint after every update. An audit hook (``sitecustomize`` on ``PYTHONPATH``) records, per rank, every
+file Python opens for writing and every rename, so the tests can see which process committed each
+checkpoint (by renaming it into place) and wrote the CSV; with ``HOLD_WRITE`` set it also stops rank 0 in
+the first file it opens under that path, so that a kill lands in the middle of that checkpoint's write.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import math
 import os
 import re
 import signal
@@ -21,10 +25,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
 
 from mrconvnext import train_imagenet
 from mrconvnext.demo import make_shapes_dataset
-from mrconvnext.utils.training import PreflightError
+from mrconvnext.utils.training import PreflightError, TrainingError, TrainingRun, add_run_arguments, parse_args
+from tests.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -32,16 +39,25 @@ TRAIN_ARGS = [
     "--model", "mrconvnext_atto", "--num-classes", "2", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
     "--lr", "2e-3", "--warmup-epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
     "--smoothing", "0", "--scale", "0.8", "1", "--hflip", "0", "--workers", "0", "--model-ema",
-    "--model-ema-decay", "0.5", "--crop-pct", "1.0", "--grad-accum-steps", "2",
+    "--model-ema-decay", "0.5", "--crop-pct", "1.0", "--grad-accum-steps", "2", "--checkpoint-every", "1",
+    "--log-interval", "1",
 ]  # fmt: skip
+LOSS_LINE = re.compile(
+    r"epoch (\d+)/\d+ update (\d+)/\d+: loss ([\d.]+), lr ([\d.e+-]+), ([\d.]+) img/s \(([\d.]+) per process\)"
+)
 AUDIT_HOOK = textwrap.dedent(
     """
     import os, sys
     if os.environ.get("RANK") is not None and os.environ.get("WRITE_AUDIT_DIR"):
         _log = open(os.path.join(os.environ["WRITE_AUDIT_DIR"], "writes_" + os.environ["RANK"] + ".log"), "a")
+        _hold = os.environ.get("HOLD_WRITE") if os.environ["RANK"] == "0" else None
         def _hook(event, args):
             if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
                 _log.write("open " + str(args[0]) + "\\n")
+                if _hold and _hold in str(args[0]):
+                    open(os.environ["WRITE_AUDIT_DIR"] + "/held", "w").close()
+                    import time
+                    time.sleep(600)  # killed here, in the middle of the write
             elif event == "os.rename":
                 _log.write("rename " + str(args[0]) + " " + str(args[1]) + "\\n")
             _log.flush()
@@ -56,26 +72,12 @@ def data_dir(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 16, 5, size=32, classes=("circle", "square"), seed=1)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _torchrun(args: list[str], audit_dir: Path, kill_when: Path | None = None) -> str:
-    """Run train_imagenet.py on 2 CPU processes; with ``kill_when``, SIGKILL everything once that path exists."""
+def _torchrun(args: list[str], audit_dir: Path, kill_when: Path | None = None, hold_write: str = "") -> str:
+    """Run train_imagenet.py on 2 CPU processes; with ``kill_when``, SIGKILL everything once that path exists
+    (``hold_write``: rank 0 stops when it opens a file under that path, and ``kill_when`` is its marker)."""
     (audit_dir / "sitecustomize.py").write_text(AUDIT_HOOK)
     env = dict(os.environ, PYTHONPATH=f"{audit_dir}{os.pathsep}{ROOT}", WRITE_AUDIT_DIR=str(audit_dir))
+    env.update(HOLD_WRITE=hold_write)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(ROOT / "train_imagenet.py"), *args]
@@ -91,7 +93,7 @@ def _torchrun(args: list[str], audit_dir: Path, kill_when: Path | None = None) -
         assert proc.poll() is None, f"run ended before {kill_when} appeared:\n{proc.stdout.read()}"
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts its workers in their own sessions
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in their own sessions
         os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate()
     return out
@@ -146,19 +148,59 @@ def test_two_process_run(uninterrupted):
     assert rank1 == []
     final = run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}"
     assert (final / "random_states_0.pkl").is_file() and (final / "random_states_1.pkl").is_file()
+    # --checkpoint-every 1: a checkpoint after update 1 of each epoch (update 2 ends it), removed with the epoch's
+    for epoch in range(EPOCHS):
+        name = f"epoch_{epoch:04d}_update_000001"
+        assert rank0.count(f"rename checkpoints/.{name}.tmp checkpoints/{name}") == 1
+
+
+def test_numbers_to_plan_with(uninterrupted):
+    """Per update (--log-interval 1): loss, lr, images/s in total and per process, data wait, ETA of the epoch
+    and the run; per epoch the same in summary.csv (peak memory only on CUDA)."""
+    run_dir, _, log = uninterrupted
+    lines = re.findall(r"epoch \d/3 update \d/2: .*", log)
+    assert len(lines) == 2 * EPOCHS, log
+    for line in lines:
+        match = re.fullmatch(
+            r"epoch \d/3 update \d/2: loss [\d.]+, lr [\d.e+-]+, ([\d.]+) img/s \(([\d.]+) per process\), "
+            r"data wait (\d+)%, ETA epoch \d+:\d\d:\d\d, run \d+:\d\d:\d\d",
+            line,
+        )
+        assert match, line
+        assert float(match.group(1)) == pytest.approx(2 * float(match.group(2)), abs=0.2)
+        assert 0 <= int(match.group(3)) <= 100
+    assert re.search(r"epoch 3/3 update 2/2: .*ETA epoch 0:00:00, run 0:00:00", log)
+    rows = _csv_rows(run_dir)
+    for row in rows:
+        assert float(row["samples_s"]) == pytest.approx(2 * float(row["samples_s_per_process"]))
+        assert 0 <= float(row["data_wait"]) < 1 and float(row["epoch_time"]) > 0
+        assert row["peak_mem_gib"] == "" and row["skipped_updates"] == "0"  # CPU: no CUDA memory to report
+    assert float(rows[0]["eta_run_s"]) > 0 and float(rows[-1]["eta_run_s"]) == 0
+
+
+def _losses(log: str) -> dict[tuple[int, int], float]:
+    """``(epoch, update): loss`` of the per-update log lines (mean over both processes)."""
+    return {(int(m.group(1)), int(m.group(2))): float(m.group(3)) for m in LOSS_LINE.finditer(log)}
 
 
 def test_resume_after_kill_matches_uninterrupted(uninterrupted, data_dir, tmp_path):
-    full_dir, _, _ = uninterrupted
+    full_dir, _, full_log = uninterrupted
     run_dir = tmp_path / "run"
     args = [*TRAIN_ARGS, "--data-dir", str(data_dir), "--output", str(tmp_path), "--experiment", "run"]
-    _torchrun(args, tmp_path, kill_when=run_dir / "checkpoints" / "epoch_0001")
-    assert not (run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}").exists(), "killed run should not have finished"
-    done = max(int(p.name[-4:]) for p in (run_dir / "checkpoints").glob("epoch_*"))
+    # killed while rank 0 commits the checkpoint of epoch 2 (its files written, meta.json not yet)
+    _torchrun(args, tmp_path, kill_when=tmp_path / "held", hold_write=".epoch_0002.tmp")
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [".epoch_0002.tmp", "epoch_0001", "epoch_0001_update_000001"], checkpoints
+    assert not (run_dir / "checkpoints" / ".epoch_0002.tmp" / "meta.json").exists()
 
+    # the newest complete checkpoint is the one after update 1 of epoch 2: the run goes on with its next batch
     log = _torchrun([*TRAIN_ARGS, "--data-dir", str(data_dir), "--resume", str(run_dir)], tmp_path / "")
-    assert f"continuing at epoch {done + 1}" in log
-    assert log.count("updates/rank [2, 2]") == EPOCHS - done
+    assert "continuing at epoch 2, update 2" in log
+    assert log.count("updates/rank [2, 2]") == EPOCHS - 1
+    resumed_losses, full_losses = _losses(log), _losses(full_log)
+    assert sorted(resumed_losses) == [(2, 2), (3, 1), (3, 2)]
+    for step, loss in resumed_losses.items():  # the same batches, augmentation draws and weights as uninterrupted
+        assert loss == pytest.approx(full_losses[step], abs=1e-4), step
     resumed, full = _state_dicts(run_dir), _state_dicts(full_dir)
     for form in ("model", "ema"):
         assert resumed[form].keys() == full[form].keys()
@@ -166,9 +208,10 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, data_dir, tmp_pa
             torch.testing.assert_close(resumed[form][key], value, rtol=1e-6, atol=1e-7, msg=f"{form} {key}")
     rows, full_rows = _csv_rows(run_dir), _csv_rows(full_dir)
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in full_rows]
-    for row, full_row in zip(rows, full_rows, strict=True):
-        for key in ("train_loss", "eval_top1", "eval_loss", "ema_top1"):
+    for row, full_row in zip(rows, full_rows, strict=True):  # epoch 2's row sums both of its parts
+        for key in ("train_loss", "eval_top1", "eval_loss", "ema_top1", "lr"):
             assert float(row[key]) == pytest.approx(float(full_row[key]), rel=1e-5), key
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"epoch_{EPOCHS:04d}"]  # .tmp removed
 
 
 def test_final_checkpoint_loads_with_timm(uninterrupted):
@@ -245,3 +288,54 @@ def test_cli_reports_preflight_error(tmp_path):
 def test_kernel_lr_needs_mrconv_layers(data_dir, tmp_path):
     args = ["--data-dir", str(data_dir), "--model", "convnext_atto", "--kernel-lr", "1e-4"]
     assert "convnext_atto has no MRConv layers" in _preflight_error(args, tmp_path)
+
+
+# ------------------------------------------------------------------------------------ non-finite losses
+
+
+def _toy_run(tmp_path: Path, *flags: str) -> TrainingRun:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, output=str(tmp_path))
+    parser.add_argument("--epochs", type=int, default=1)
+    return TrainingRun(parse_args(parser, ["--cpu", "--experiment", "toy", *flags]), "toy", {})
+
+
+def _toy_epoch(run: TrainingRun, bad_call: int) -> tuple[dict, list[torch.Tensor]]:
+    """One epoch of 8 updates of a linear model whose ``bad_call``-th loss is NaN; the weights before each call."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=8, t_in_epochs=False)
+    run.restore(scheduler)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 2), torch.randn(16, 1))
+    model, optimizer, loader = run.prepare(model, optimizer, torch.utils.data.DataLoader(data, batch_size=2))
+    weights = []
+
+    def loss_fn(batch):
+        weights.append(model.weight.detach().clone())
+        loss = nn.functional.mse_loss(model(batch[0]), batch[1])
+        return loss * float("nan") if len(weights) == bad_call else loss, 2, {}
+
+    return run.train_one_epoch(0, model, loader, optimizer, scheduler, loss_fn, updates_per_epoch=8), weights
+
+
+def test_nonfinite_loss_stops_the_run_before_the_update(tmp_path, fresh_accelerate_state):
+    with _toy_run(tmp_path, "--checkpoint-every", "2") as run, pytest.raises(TrainingError) as info:
+        _toy_epoch(run, bad_call=5)
+    checkpoint = tmp_path / "toy" / "checkpoints" / "epoch_0000_update_000004"
+    assert re.fullmatch(
+        r"non-finite loss at update 5 \(epoch 1, update 5/8, process\(es\) \[0\]\), lr \d\.\d{3}e-0\d: stopped before "
+        rf"applying it; .*--skip-nonfinite-loss to skip such updates; last good checkpoint: {re.escape(str(checkpoint))}",
+        str(info.value),
+    ), str(info.value)
+    assert (checkpoint / "meta.json").is_file()
+
+
+def test_nonfinite_loss_skips_the_update_when_asked(tmp_path, fresh_accelerate_state, caplog):
+    with _toy_run(tmp_path, "--skip-nonfinite-loss") as run, caplog.at_level("INFO"):
+        metrics, weights = _toy_epoch(run, bad_call=3)
+    assert metrics["skipped_updates"] == 1 and math.isfinite(metrics["train_loss"])
+    assert torch.equal(weights[2], weights[3])  # the NaN update left the weights alone
+    assert not torch.equal(weights[3], weights[4]) and torch.isfinite(weights[-1]).all()  # and training went on
+    assert "warning: non-finite loss at update 3 (epoch 1, update 3/8" in caplog.text
+    assert "skipped it (--skip-nonfinite-loss)" in caplog.text

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,20 +58,27 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
-    reference = tmp_path / "reference"
-    run_script(listops_args(listops_dir, reference, 4))
+@pytest.fixture(scope="module")
+def reference(listops_dir, tmp_path_factory):
+    """4 epochs of 6 updates, checkpointed every 4 updates (mid-epoch in epochs 1, 3 and 4)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_script(listops_args(listops_dir, out, 4, "--checkpoint-every", "4"))
+    return out, result.stderr
+
+
+def test_kill_and_resume_continue_exactly(listops_dir, reference, tmp_path):
+    reference, _ = reference
     expected = torch.load(reference / "run" / "last.pth", weights_only=True)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 4)],
+        [sys.executable, SCRIPT, *listops_args(listops_dir, killed, 4, "--checkpoint-every", "4")],
         env=env(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = killed / "run" / "checkpoints" / "epoch_0001" / "meta.json"
+    first = killed / "run" / "checkpoints" / "epoch_0001" / "meta.json"  # epoch_0000_update_000004 before it
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -80,7 +88,9 @@ def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
     done = {name for name in os.listdir(killed / "run" / "checkpoints") if name.startswith("epoch_")}
     assert "epoch_0004" not in done
 
-    result = run_script(listops_args(listops_dir, killed, 4, "--resume", str(killed / "run")))
+    result = run_script(
+        listops_args(listops_dir, killed, 4, "--checkpoint-every", "4", "--resume", str(killed / "run"))
+    )
     assert "resumed from" in result.stderr
     resumed = torch.load(killed / "run" / "last.pth", weights_only=True)
     assert resumed["epoch"] == expected["epoch"] == 4
@@ -107,6 +117,43 @@ def test_kill_and_resume_continue_exactly(listops_dir, tmp_path):
     with pytest.raises(PreflightError, match="was trained with --model-kwargs .*'depth': 1.*this run has .*'depth': 2"):
         resume = listops_args(listops_dir, killed, 4, "--resume", str(killed / "run"))
         train_sequence.train([*resume, "--model-kwargs", "depth=2", "embed_dim=8"])
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_matches(listops_dir, reference, tmp_path):
+    """The runner's stop signal and mid-epoch resume in train_sequence.py as in train_imagenet.py: SIGTERM after
+    update 2 of epoch 2 writes that checkpoint and exits 0; the resumed run's later losses and final weights are
+    the uninterrupted run's."""
+    reference, reference_log = reference
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, *listops_args(listops_dir, tmp_path, 4)],
+            env=env(),
+            cwd=ROOT,
+            stdout=out,
+            stderr=out,
+        )
+    deadline = time.time() + 300
+    while "epoch 2/4 update 2/6" not in log.read_text() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    stopped = re.search(
+        r"rank 0: SIGTERM: stopped after update (\d) of epoch 2; checkpoint (\S+); exit status 0", log.read_text()
+    )
+    assert stopped, log.read_text()[-3000:]
+    updates = int(stopped.group(1))
+    assert stopped.group(2).endswith(f"epoch_0001_update_{updates:06d}")
+
+    result = run_script(listops_args(listops_dir, tmp_path, 4, "--resume", str(tmp_path / "run")))
+    assert f"continuing at epoch 2, update {updates + 1}" in result.stderr
+    losses = re.findall(r"epoch (\d)/4 update (\d)/6: loss ([\d.]+)", result.stderr)
+    expected = {(e, u): loss for e, u, loss in re.findall(r"epoch (\d)/4 update (\d)/6: loss ([\d.]+)", reference_log)}
+    assert losses and losses[0][:2] == ("2", str(updates + 1))
+    assert all(loss == expected[(e, u)] for e, u, loss in losses), losses
+    resumed = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["state_dict"]
+    for key, value in torch.load(reference / "run" / "last.pth", weights_only=True)["state_dict"].items():
+        assert torch.equal(resumed[key], value), key
 
 
 def test_two_processes_with_torchrun(listops_dir, tmp_path):

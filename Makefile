@@ -1,12 +1,34 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# PyPI's Linux torch wheels bundle the CUDA libraries (several GB); without a visible NVIDIA GPU the venv first
+# tries PyTorch's CPU-only wheels from here, and falls back to PyPI's when this index cannot be used
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: test test-slow demo demo-lra selfcheck lint format benchmark gpu-check clean
+.PHONY: test test-slow demo demo-lra selfcheck lint format benchmark gpu-check cpu-torch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@$(MAKE) --no-print-directory cpu-torch PY=$(PY)
+
+# torch for a machine without a visible NVIDIA GPU (Linux): CPU-only wheels if TORCH_CPU_INDEX serves them
+cpu-torch:
+	@if [ "$$(uname -s)" != Linux ]; then \
+		echo "torch from PyPI (its wheels for $$(uname -s) have no CUDA libraries)"; \
+	elif nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU visible: torch from PyPI (with its CUDA libraries)"; \
+	elif $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "no NVIDIA GPU visible: trying CPU-only torch from $(TORCH_CPU_INDEX)"; \
+		if $(PY) -m pip install -q --timeout 30 --retries 1 --index-url $(TORCH_CPU_INDEX) torch torchvision \
+			&& $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+			echo "torch $$($(PY) -c 'import torch; print(torch.__version__)'): CPU-only"; \
+		else \
+			echo "$(TORCH_CPU_INDEX) could not be used; pip installs torch from PyPI (with CUDA libraries) instead"; \
+		fi; \
+	fi
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"

@@ -3,6 +3,9 @@
 
     python -m mrconvnext.convert CONVNEXT_CHECKPOINT OUTPUT --model mrconvnext_atto [--img-size 224]
         [--kernel-type fourier_sparse] [--deploy] [--calibrate-dir IMAGE_FOLDER]
+
+The output keeps the ConvNeXt's classifier; ``train_imagenet.py --pretrained-path OUTPUT --num-classes N`` fine-tunes
+it on N classes with a fresh one (as timm's ``pretrained=True, num_classes=N``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from .models.convnext_conversion import HOLDING_KERNEL_TYPES, calibrate_batchnorm, stage_wraparound
 from .utils.checkpoint import CheckpointError, checkpoint_record, read_checkpoint, save_checkpoint_file
+from .utils.cli import HelpFormatter
 from .utils.evaluation import find_image_folder
 
 
@@ -34,10 +38,9 @@ def image_batches(
         yield batch
 
 
-def main(argv: list[str] | None = None) -> int:
+def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Convert a timm ConvNeXt checkpoint into an MRConvNeXt checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Convert a timm ConvNeXt checkpoint into an MRConvNeXt checkpoint", formatter_class=HelpFormatter
     )
     parser.add_argument(
         "checkpoint", help="ConvNeXt weights: bare state dict or training checkpoint (.pth/.safetensors)"
@@ -45,11 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="MRConvNeXt checkpoint to write (.pth, or .safetensors)")
     parser.add_argument("--model", default="mrconvnext_tiny", help="MRConvNeXt variant of the ConvNeXt's size")
     parser.add_argument("--img-size", type=int, default=224, help="resolution the 1D kernels are planned for")
-    parser.add_argument("--kernel-type", default="fourier_sparse", choices=HOLDING_KERNEL_TYPES)
+    parser.add_argument(
+        "--kernel-type", default="fourier_sparse", choices=HOLDING_KERNEL_TYPES, help="MRConv kernels holding the taps"
+    )
     parser.add_argument("--deploy", action="store_true", help="write the reparameterized (deploy) form")
     parser.add_argument("--calibrate-dir", default="", help="ImageFolder (DIR or DIR/train) for BatchNorm statistics")
     parser.add_argument("--calibrate-batches", type=int, default=8, help="batches of --calibrate-dir")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="calibration batch size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = create_parser()
     args = parser.parse_args(argv)
     if args.deploy and args.calibrate_dir:
         parser.error("--calibrate-dir needs the train form (a deploy-form model has no BatchNorm)")
@@ -83,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {args.output}: {args.model} ({form}, img_size {args.img_size}, {head.shape[0]} classes) from "
         f"{args.checkpoint}{note}; positions wrapping per stage: {wrap}"
+    )
+    print(
+        f"fine-tune it with train_imagenet.py --pretrained-path {args.output} --num-classes N (a fresh classifier "
+        f"for N other than {head.shape[0]})"
     )
     return 0
 

@@ -12,12 +12,14 @@ the ``train_imagenet`` and ``validate`` modules with ``python -m``)
    BatchNorm) and the reparameterized deploy form (one kernel per layer, Section 3.3), and prints both
    accuracies, throughputs and their difference.
 4. Writes the trained model's plots with ``python -m mrconvnext.plot`` into ``demo_output/plots/``: resolution
-   shares per layer, merged kernels per stage over their lags and on the feature map, their spectra.
+   shares per layer, merged kernels per stage over their lags and on the feature map, their spectra. Without
+   matplotlib (the ``plot`` extra) it says so and skips them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .utils.cli import HelpFormatter
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -97,13 +101,19 @@ def _run(module: str, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train and validate MRConvNeXt-atto on a generated shapes dataset", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--output", default="demo_output", help="folder for the dataset, the run and the plots")
+    parser.add_argument("--model", default="mrconvnext_atto", help="MRConvNeXt model to train (a registered name)")
+    parser.add_argument("--img-size", type=int, default=32, help="image size of the dataset and the model")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train and validate MRConvNeXt-atto on a generated shapes dataset")
-    parser.add_argument("--output", default="demo_output")
-    parser.add_argument("--model", default="mrconvnext_atto")
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=10)
-    args = parser.parse_args(argv)
+    args = create_parser().parse_args(argv)
 
     start = time.perf_counter()
     data_dir = make_shapes_dataset(Path(args.output) / "shapes", size=args.img_size)
@@ -136,8 +146,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     diff = abs(results["train form"]["top1"] - results["deploy form"]["top1"])
     print(f"top-1 difference train vs deploy: {diff:.2f} points; chance is {100 / len(SHAPES):.0f}%")
-    plot_cmd = ["--checkpoint", str(run_dir / "model_best.pth")]
-    _run("mrconvnext.plot", [*plot_cmd, "--out", str(Path(args.output) / "plots")])
+    plot_cmd = ["--checkpoint", str(run_dir / "model_best.pth"), "--out", str(Path(args.output) / "plots")]
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            "plots skipped: matplotlib is not installed (the plot extra: pip install matplotlib, or pip install "
+            f"'.[plot]' in a clone of mrconvnext); then python -m mrconvnext.plot {' '.join(plot_cmd)}"
+        )
+    else:
+        _run("mrconvnext.plot", plot_cmd)
     print(f"training took {train_s:.0f} s, the whole demo {time.perf_counter() - start:.0f} s")
     if diff > 0.5:
         raise SystemExit(f"train and deploy forms disagree: top-1 differs by {diff:.2f} points")

@@ -38,10 +38,11 @@ from .utils.checkpoint import (
     is_mrconv_model,
     read_checkpoint,
 )
+from .utils.cli import HelpFormatter
 from .utils.files import publish
 from .utils.onnx import example_inputs, export_onnx, planned_input
 
-__all__ = ["export_model", "main"]
+__all__ = ["create_parser", "export_model", "main"]
 
 _EXPORT_FILES = ("model.safetensors", "config.json")  # weights first: a config never names missing weights
 
@@ -103,10 +104,8 @@ def export_model(
     return model, error
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json (or model.onnx)")
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy", help="reparameterized or train form")
@@ -120,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="ONNX: add the padding-lengths input of sequence models (default: token models)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = create_parser()
     args = parser.parse_args(argv)
     if args.format == "onnx" and args.form != "deploy":
         parser.error("--format onnx exports the deploy form only (a train-form checkpoint is reparameterized)")

@@ -33,9 +33,10 @@ import torch.nn as nn
 from .layers.mrconv import MRConv
 from .models.mrconvnext import MRConvNeXt
 from .utils.checkpoint import CheckpointError, add_checkpoint_arguments, create_model_from_checkpoint, is_mrconv_model
+from .utils.cli import HelpFormatter
 from .utils.files import atomic_path
 
-__all__ = ["PLOT_KINDS", "feature_map_kernel", "plot_model", "resolution_shares"]
+__all__ = ["PLOT_KINDS", "create_parser", "feature_map_kernel", "main", "plot_model", "resolution_shares"]
 
 PLOT_KINDS = ("alpha", "kernels_1d", "kernels_2d", "spectra")
 FIGSIZE, DPI = (10, 8), 100  # every PNG is 1000 x 800 pixels
@@ -277,14 +278,20 @@ def _available(model: nn.Module, kind: str, deploy: bool) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "), formatter_class=HelpFormatter
+    )
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--plots", nargs="+", choices=PLOT_KINDS, default=None, help="default: all the model has")
     parser.add_argument("--channels", type=int, default=4, help="kernels drawn per layer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the channel choice")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = create_parser().parse_args(argv)
     try:
         if args.model and not is_mrconv_model(args.model):
             raise ValueError(f"cannot plot {args.model!r}: expected an MRConvNeXt or MRConv sequence model")

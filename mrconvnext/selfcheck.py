@@ -9,13 +9,16 @@ tolerance (exit status 1). Timing is the benchmarks' job (``make benchmark``).
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .layers.kernels import KERNEL_TYPES
 from .layers.mrconv import MRConv
+from .utils.cli import HelpFormatter
 
 TOLERANCE = 1e-5  # max |error| / max |output| in float32
 
@@ -40,8 +43,13 @@ def direct_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> to
     return y + bias.double()[:, None]
 
 
+def create_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
 @torch.no_grad()
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    create_parser().parse_args(argv)
     torch.manual_seed(0)
     batch, dim, seq_len, kernel_size = 2, 48, 784, 49  # MRConvNeXt-T stage 2: L = 28 x 28
     x = torch.randn(batch, dim, seq_len)

@@ -12,6 +12,8 @@ checkpoint state come from accelerate, so one script runs under ``python``, ``to
 ``-b/--batch-size`` is the per-process batch of one optimizer update; with ``--grad-accum-steps A`` the
 loader yields micro-batches of ``batch_size / A``. The global batch is ``batch_size * world_size`` and,
 unless ``--lr`` is given, the learning rate is ``--lr-base`` scaled linearly from ``--lr-base-size``.
+``--pretrained-path FILE`` fine-tunes a checkpoint (e.g. ``python -m mrconvnext.convert``'s output): the model its
+record names, with a fresh classifier when its class count is not ``--num-classes``.
 
 ``--dataset`` reads ImageNet as an image folder, webdataset tar shards, parquet files or a ``datasets``
 ``save_to_disk`` folder (:mod:`mrconvnext.data.images`). The run folder (``--output/--experiment``:
@@ -38,18 +40,25 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 from timm.data import Mixup, create_transform, resolve_data_config
-from timm.data.readers import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_arch_name, is_model_in_modules, resolve_model_input_args
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, ParseKwargs
+from timm.utils import ModelEmaV3
 
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
 from mrconvnext.data import DataFormatError
 from mrconvnext.data import transforms as mrconvnext_transforms
 from mrconvnext.data.images import DEFAULT_SHUFFLE_WINDOW, create_image_dataset
 from mrconvnext.layers.mrconv import BRANCH_NORMS, MRConv
+from mrconvnext.utils.checkpoint import (
+    CheckpointError,
+    ModelArgumentError,
+    create_model_checked,
+    create_model_from_checkpoint,
+)
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
+from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
@@ -72,7 +81,9 @@ EVAL_KEYS = ("loss", "top1", "top5", "samples")
 
 def create_parser() -> argparse.ArgumentParser:
     """Command line; flag names follow timm's ``train.py`` wherever it has one."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter
+    )
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="ImageNet-style folder (train/, val/) or a dataset root")
     group.add_argument(
@@ -98,19 +109,31 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--mean", type=float, nargs=3, default=None)
     group.add_argument("--std", type=float, nargs=3, default=None)
     group.add_argument("--interpolation", default="", help="eval resize interpolation (default: model's)")
-    group.add_argument("-b", "--batch-size", type=int, default=128, help="per-process batch of one update")
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=128,
+        help="batch of one update per process (global batch = this x processes; train_sequence.py's -b is global)",
+    )
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
     group.add_argument("-j", "--workers", type=int, default=8, help="data loader workers per process")
     group.add_argument("--pin-mem", action="store_true")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="mrconvnext_tiny")
+    group.add_argument("--model", default="mrconvnext_tiny", help="registered timm model name, e.g. mrconvnext_atto")
+    group.add_argument(
+        "--pretrained-path",
+        default="",
+        help="fine-tune from this checkpoint (e.g. convert's output): its record builds the model, a classifier "
+        "of another class count is a fresh one for --num-classes (timm's pretrained=True, num_classes=N)",
+    )
     group.add_argument("--drop-path", type=float, default=None, help="default: recipe value per architecture")
     group.add_argument("--drop", type=float, default=0.0, help="head dropout")
     group.add_argument(
         "--layer-scale-init-value", type=float, default=None, help="ls_init_value (default: model's; ConvNeXt 1e-6)"
     )
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
+    add_model_kwargs_argument(group)
     group.add_argument(
         "--branch-norm",
         choices=BRANCH_NORMS,
@@ -177,13 +200,10 @@ def create_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- pre-flight
 
 
-def _has_image(folder: str) -> bool:
-    """Whether ``folder`` holds an image file (stops at the first one: cheap on ImageNet-sized folders)."""
-    extensions = get_img_extensions(as_set=True)
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
-            return True
-    return False
+def _dataset_hint(data_dir: str) -> str:
+    """Where the dataset is when ``data_dir`` holds one (``demo_output`` holding ``shapes/``), else ''."""
+    nested = datasets_below(data_dir)
+    return f"; {data_dir!r} holds a dataset: pass --data-dir {nested[0]}" if nested else ""
 
 
 def _check_image_folder(data_dir: str, split: str) -> list[str]:
@@ -192,11 +212,14 @@ def _check_image_folder(data_dir: str, split: str) -> list[str]:
     if not os.path.isdir(split_dir):
         raise PreflightError(
             f"data directory {data_dir!r} has no {split!r} folder (expected {split_dir}/<class>/*.jpg)"
+            + _dataset_hint(data_dir)
         )
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+    empty = [c for c in classes if not has_image(os.path.join(split_dir, c))]
     if len(empty) == len(classes):
-        raise PreflightError(f"{split_dir!r} is empty: expected one folder of images per class")
+        raise PreflightError(
+            f"{split_dir!r} is empty: expected one folder of images per class{_dataset_hint(data_dir)}"
+        )
     if empty:
         raise PreflightError(f"class folders without images in {split_dir!r}: {', '.join(empty[:5])}")
     return classes
@@ -211,6 +234,11 @@ def preflight(args: argparse.Namespace) -> None:
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"
+        )
+    if "checkpoint_path" in args.model_kwargs:
+        raise PreflightError(
+            "--model-kwargs checkpoint_path=... loads strictly (the same class count and form only): pass "
+            f"--pretrained-path {args.model_kwargs['checkpoint_path']} to fine-tune from it"
         )
     if args.branch_norm != "batch" and not is_model_in_modules(args.model, ["mrconvnext"]):
         raise PreflightError(f"--branch-norm {args.branch_norm} needs an MRConvNeXt model, got {args.model!r}")
@@ -304,7 +332,25 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     if is_model_in_modules(args.model, ["mrconvnext"]):
         kwargs.setdefault("img_size", args.img_size)
         kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "branch_norm": args.branch_norm}
-    return timm.create_model(**resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs))
+    kwargs = resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs)
+    try:
+        return load_pretrained(args, **kwargs) if args.pretrained_path else create_model_checked(**kwargs)
+    except ModelArgumentError as e:
+        raise PreflightError(f"--model-kwargs: {e}") from e
+
+
+def load_pretrained(args: argparse.Namespace, model_name: str, **kwargs) -> nn.Module:
+    """``--pretrained-path``: the checkpoint's model (its recorded arguments, overridden by this run's) with its
+    weights, through :func:`~mrconvnext.utils.checkpoint.create_model_from_checkpoint`; its classifier replaced by a
+    fresh one (``reset_classifier``) when the checkpoint has another class count than ``--num-classes``."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes" and v is not None}
+    try:
+        model = create_model_from_checkpoint(args.pretrained_path, model_name, **kwargs)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise PreflightError(f"--pretrained-path: {e}") from e
+    if model.num_classes != args.num_classes:
+        model.reset_classifier(args.num_classes)
+    return model.train()
 
 
 def create_train_transform(args: argparse.Namespace, data_config: dict):

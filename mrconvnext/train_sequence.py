@@ -33,12 +33,13 @@ import timm
 import torch
 import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ParseKwargs, reparameterize_model
+from timm.utils import reparameterize_model
 
 import mrconvnext  # noqa: F401  (registers the models with timm)
 from mrconvnext.data import TASKS, DataFormatError, create_dataset
 from mrconvnext.layers.mrconv import BRANCH_NORMS
-from mrconvnext.utils.checkpoint import read_checkpoint
+from mrconvnext.utils.checkpoint import ModelArgumentError, create_model_checked, read_checkpoint
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
@@ -61,14 +62,20 @@ ZERO_SHOT_RATE = 2  # Speech Commands at 8 kHz: every second sample of the 16 kH
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter
+    )
     group = parser.add_argument_group("task and data")
     group.add_argument("--task", required=True, choices=TASKS)
     group.add_argument("--data-dir", required=True, help="the task's data in its public release layout")
     group.add_argument("-j", "--workers", type=int, default=2, help="data loader workers per process")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="default: mrconv_<task>_base")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="registered sequence model, e.g. mrconv_listops_base (default: mrconv_<task>_base)",
+    )
     group.add_argument(
         "--seq-len", type=int, default=None, help="token tasks: pad/cut to this length (default: the model's)"
     )
@@ -79,14 +86,21 @@ def create_parser() -> argparse.ArgumentParser:
         default="batch",
         help="MRConv branch normalization: BatchNorm per resolution (paper) or a learned scale",
     )
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
+    add_model_kwargs_argument(group)
 
     group = parser.add_argument_group("recipe (default: the task's row of Tables 5/6)")
     group.add_argument("--lr", type=float, default=None)
     group.add_argument("--weight-decay", type=float, default=None)
     group.add_argument("--kernel-lr", type=float, default=KERNEL_LR, help="MRConv kernel parameters' lr")
     group.add_argument("--kernel-weight-decay", type=float, default=0.0)
-    group.add_argument("-b", "--batch-size", type=int, default=None, help="global batch of one update")
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch of one update, over all processes together (the paper's figure; train_imagenet.py's -b "
+        "is per process)",
+    )
     group.add_argument("--epochs", type=int, default=None)
     group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup from 0 (S5's LRA scripts)")
     group.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule's final lr")
@@ -196,7 +210,10 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         raise PreflightError(f"{len(splits['train'])} training examples are fewer than one batch ({args.batch_size})")
 
     kwargs = model_kwargs(args)
-    model = timm.create_model(args.model, **kwargs)
+    try:
+        model = create_model_checked(args.model, **kwargs)
+    except ModelArgumentError as e:
+        raise PreflightError(f"--model-kwargs: {e}") from e
     param_groups = mrconv_param_groups(model, args.weight_decay, args.kernel_lr, args.kernel_weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
     common = dict(num_workers=args.workers, persistent_workers=False)

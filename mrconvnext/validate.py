@@ -36,71 +36,80 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_input_data_config
-from timm.models import (
-    create_model,
-    is_model,
-    is_model_in_modules,
-    list_models,
-    resolve_model_input_args,
-)
-from timm.utils import ParseKwargs, natural_key, reparameterize_model
+from timm.models import is_model, is_model_in_modules, list_models, resolve_model_input_args
+from timm.utils import natural_key, reparameterize_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mrconvnext.utils.checkpoint import CheckpointError, create_model_from_checkpoint
+from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
 from mrconvnext.utils.evaluation import (
-    EvalImageDataset,
+    ImageFolderDataset,
     MetricSums,
     check_num_classes,
     find_image_folder,
     sample_metrics,
 )
+from mrconvnext.utils.files import atomic_path
+from mrconvnext.utils.training import set_default_num_threads
 
 _logger = logging.getLogger("validate")
 
-parser = argparse.ArgumentParser(description="MRConvNeXt ImageNet validation (timm validate.py flags)")
-group = parser.add_argument_group("Dataset")
-group.add_argument("data", nargs="?", metavar="DIR", help="path to dataset (*deprecated*, use --data-dir)")
-group.add_argument("--data-dir", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>, or DIR/val/<class>/...")
-group.add_argument("--class-map", default="", metavar="FILENAME", help="class name to index mapping file (.txt/.pkl)")
-group.add_argument("--num-classes", type=int, default=None, help="number of classes (model default if unset)")
-group.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers (default: 4)")
-group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the DataLoader")
 
-group = parser.add_argument_group("Model")
-group.add_argument(
-    "--model", "-m", default="", metavar="NAME", help="model name(s), comma separated (default: the checkpoint's)"
-)
-group.add_argument("--model-list", default="", metavar="FILENAME", help="file with one model name per line")
-group.add_argument("--pretrained", action="store_true", help="use the model's pretrained weights")
-group.add_argument("--checkpoint", default="", metavar="PATH", help="checkpoint file, or a folder of checkpoints")
-group.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint if present")
-group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs")
-forms_group = group.add_mutually_exclusive_group()
-forms_group.add_argument("--reparam", action="store_true", help="reparameterize the model (deploy form) first")
-forms_group.add_argument("--compare-reparam", action="store_true", help="evaluate train and deploy forms, compare")
+def create_parser() -> argparse.ArgumentParser:
+    """Command line; flag names are timm's ``validate.py``'s."""
+    parser = argparse.ArgumentParser(
+        description="MRConvNeXt ImageNet validation (timm validate.py flags)", formatter_class=HelpFormatter
+    )
+    group = parser.add_argument_group("Dataset")
+    group.add_argument("data", nargs="?", metavar="DIR", help="path to dataset (*deprecated*, use --data-dir)")
+    group.add_argument(
+        "--data-dir", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>, or DIR/val/<class>/..."
+    )
+    group.add_argument(
+        "--class-map", default="", metavar="FILENAME", help="class name to index mapping file (.txt/.pkl)"
+    )
+    group.add_argument("--num-classes", type=int, default=None, help="number of classes (model default if unset)")
+    group.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers")
+    group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the DataLoader")
 
-group = parser.add_argument_group("Preprocessing (model pretrained cfg by default)")
-group.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
-group.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input dims (c h w)")
-group.add_argument("--in-chans", type=int, default=None, metavar="N", help="input channels")
-group.add_argument("--crop-pct", type=float, default=None, metavar="PCT", help="center crop fraction")
-group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border)")
-group.add_argument("--interpolation", default="", metavar="NAME", help="resize interpolation (bilinear, bicubic)")
-group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalization mean")
-group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalization std")
+    group = parser.add_argument_group("Model")
+    group.add_argument(
+        "--model", "-m", default="", metavar="NAME", help="model name(s), comma separated (default: the checkpoint's)"
+    )
+    group.add_argument("--model-list", default="", metavar="FILENAME", help="file with one model name per line")
+    group.add_argument("--pretrained", action="store_true", help="use the model's pretrained weights")
+    group.add_argument("--checkpoint", default="", metavar="PATH", help="checkpoint file, or a folder of checkpoints")
+    group.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint if present")
+    add_model_kwargs_argument(group)
+    forms_group = group.add_mutually_exclusive_group()
+    forms_group.add_argument("--reparam", action="store_true", help="reparameterize the model (deploy form) first")
+    forms_group.add_argument("--compare-reparam", action="store_true", help="evaluate train and deploy forms, compare")
 
-group = parser.add_argument_group("Inference")
-group.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", help="batch size per process")
-group.add_argument("--device", default=None, choices=("cpu", "cuda"), help="device (default: cuda if available)")
-group.add_argument("--amp", action="store_true", help="mixed precision inference (torch.autocast)")
-group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="AMP dtype")
-group.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
-group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="torch.compile")
-group.add_argument("--torchcompile-mode", default=None, help="torch.compile mode")
+    group = parser.add_argument_group("Preprocessing (model pretrained cfg by default)")
+    group.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input dims (c h w)")
+    group.add_argument("--in-chans", type=int, default=None, metavar="N", help="input channels")
+    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT", help="center crop fraction")
+    group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border)")
+    group.add_argument("--interpolation", default="", metavar="NAME", help="resize interpolation (bilinear, bicubic)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalization mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalization std")
 
-group = parser.add_argument_group("Output")
-group.add_argument("--results-file", default="", metavar="FILENAME", help="append results (.json: JSON list; CSV)")
+    group = parser.add_argument_group("Inference")
+    group.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", help="batch size per process")
+    group.add_argument("--device", default=None, choices=("cpu", "cuda"), help="device (default: cuda if available)")
+    group.add_argument("--amp", action="store_true", help="mixed precision inference (torch.autocast)")
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="AMP dtype")
+    group.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    group.add_argument(
+        "--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="torch.compile"
+    )
+    group.add_argument("--torchcompile-mode", default=None, help="torch.compile mode")
+
+    group = parser.add_argument_group("Output")
+    group.add_argument("--results-file", default="", metavar="FILENAME", help="append results (.json: JSON list; CSV)")
+    return parser
 
 
 class UsageError(Exception):
@@ -181,7 +190,9 @@ def build_model(args: argparse.Namespace, name: str | None, checkpoint: str, pre
         requested = args.input_size[1:] if args.input_size else args.img_size
         if requested and is_model_in_modules(name, ["mrconvnext"]):
             kwargs.setdefault("img_size", requested)
-        return create_model(**resolve_model_input_args(name, vars(args), pretrained=pretrained, **kwargs)).eval()
+        return create_model_checked(
+            **resolve_model_input_args(name, vars(args), pretrained=pretrained, **kwargs)
+        ).eval()
     except (CheckpointError, RuntimeError, ValueError, TypeError, OSError) as e:
         raise UsageError(f"cannot create model {name or 'of ' + checkpoint!r}: {e}") from e
 
@@ -213,7 +224,7 @@ def evaluate(
     amp_autocast = _amp_context(args, device)
     sums = {name: MetricSums() for name in forms}
     forward_s = dict.fromkeys(forms, 0.0)
-    max_abs_diff, mismatches, num_batches, skipped = 0.0, 0, 0, 0
+    max_abs_diff, mismatches, num_batches = 0.0, 0, 0
     warmup = torch.randn(args.batch_size, *input_size, device=device)  # untimed: compilation, allocator, caches
     if args.channels_last:
         warmup = warmup.contiguous(memory_format=torch.channels_last)
@@ -233,23 +244,19 @@ def evaluate(
                 logits[name] = model(images)
             _sync(device)
             forward_s[name] += time.perf_counter() - t0
-        readable = target >= 0  # EvalImageDataset marks unreadable images with -1
-        target = target.clamp_min(0)
+        # an unreadable image has target -1 (ImageFolderDataset): sample_metrics marks it, MetricSums leaves it out
         batch = {f"{name}/{k}": v for name, out in logits.items() for k, v in sample_metrics(out, target).items()}
-        batch["readable"] = readable
         if len(forms) == 2:
             first, second = (out.float() for out in logits.values())
             batch["diff/max_abs"] = (first - second).abs().amax(dim=1)
             batch["diff/top1"] = (first.argmax(dim=1) != second.argmax(dim=1)).float()
         batch = accelerator.gather_for_metrics(batch)
-        readable = batch.pop("readable")
-        skipped += int((~readable).sum().item())
-        batch = {k: v[readable] for k, v in batch.items()}
         for name in forms:
             sums[name].update({k.split("/")[1]: v for k, v in batch.items() if k.startswith(f"{name}/")})
-        if len(forms) == 2 and len(batch["diff/top1"]):
-            max_abs_diff = max(max_abs_diff, batch["diff/max_abs"].max().item())
-            mismatches += int(batch["diff/top1"].sum().item())
+        readable = batch[f"{next(iter(forms))}/readable"]
+        if len(forms) == 2 and readable.any():
+            max_abs_diff = max(max_abs_diff, batch["diff/max_abs"][readable].max().item())
+            mismatches += int(batch["diff/top1"][readable].sum().item())
         num_batches += 1
         progress.set_postfix(top1=f"{sums[next(iter(forms))].summary()['top1']:.2f}", refresh=False)
     elapsed = time.perf_counter() - start
@@ -257,7 +264,7 @@ def evaluate(
     out = {
         "forms": {name: s.summary() for name, s in sums.items()},
         "num_images": first_sums.count,
-        "skipped_images": skipped,
+        "skipped_images": first_sums.skipped,
         "img_per_sec": first_sums.count / elapsed,
         "batch_latency_ms": {name: 1e3 * t / num_batches for name, t in forward_s.items()},
     }
@@ -281,7 +288,7 @@ def validate(
             f"what it was trained for: pass --img-size {planned[0]} to evaluate at the training size"
         )
     try:
-        dataset = EvalImageDataset(
+        dataset = ImageFolderDataset(
             folder,
             class_map=args.class_map,
             input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
@@ -363,8 +370,7 @@ def read_results(path: str) -> list[dict]:
 def write_results(path: str, rows: list[dict]) -> None:
     """Append ``rows`` to ``path`` (a JSON list for ``.json``, else CSV over the union of columns), atomically."""
     rows = read_results(path) + rows
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         if path.lower().endswith(".json"):
             json.dump(rows, f, indent=2)
             f.write("\n")
@@ -372,7 +378,6 @@ def write_results(path: str, rows: list[dict]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -383,10 +388,12 @@ def _run(args: argparse.Namespace) -> int:
         folder = find_image_folder(args.data_dir or args.data)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from e
+    threads = set_default_num_threads(args.workers)
     accelerator = Accelerator(cpu=resolve_device(args) == "cpu")
     is_main = accelerator.is_main_process
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    _logger.info(threads)
 
     rows, failed = [], 0
     try:
@@ -412,7 +419,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser.parse_args(argv)
+    args = create_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

@@ -214,3 +214,42 @@ def test_readme_conversion_commands(tmp_path):
     assert "positions wrapping per stage at 224 px: 10.7%, 21.4%, 42.9%, 85.7%" in result.stdout
     for run in ("convnext", "finetune", "scratch"):
         assert (tmp_path / "runs" / run / "last.pth").exists()
+
+
+FINE_TUNE_ARGS = ["--model", "mrconvnext_atto", "--img-size", "32", "--num-classes", "4", "-b", "8", "--epochs", "1"]
+FINE_TUNE_ARGS += ["-j", "0", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--warmup-epochs", "0"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fine_tune_converted_weights_on_a_four_class_folder(tmp_path, capsys):
+    """ImageNet-1k ConvNeXt weights converted, then fine-tuned on 4 classes: a fresh 4-class head, every other
+    weight the converted one (``--lr 0 --min-lr 0``: one epoch leaves the weights as loaded; BatchNorm statistics move)."""
+    from mrconvnext import convert, train_imagenet
+    from mrconvnext.demo import make_shapes_dataset
+    from mrconvnext.utils.checkpoint import read_checkpoint
+    from mrconvnext.utils.training import PreflightError
+
+    torch.save({"state_dict": convnext_state_dict()}, tmp_path / "convnext.pth")  # 1000 classes
+    source = tmp_path / "converted.pth"
+    assert (
+        convert.main([str(tmp_path / "convnext.pth"), str(source), "--model", "mrconvnext_atto", "--img-size", "32"])
+        == 0
+    )
+    assert "fine-tune it with train_imagenet.py --pretrained-path" in capsys.readouterr().out
+    data = make_shapes_dataset(tmp_path / "shapes", train_per_class=4, val_per_class=2, size=32)
+    argv = [*FINE_TUNE_ARGS, "--data-dir", str(data), "--output", str(tmp_path / "runs")]
+
+    with pytest.raises(PreflightError, match="--pretrained-path"):  # timm's checkpoint_path loads strictly
+        train_imagenet.train([*argv, "--model-kwargs", f"checkpoint_path={source}"])
+    assert (
+        train_imagenet.main(
+            [*argv, "--pretrained-path", str(source), "--lr", "0", "--min-lr", "0", "--experiment", "ft"]
+        )
+        == 0
+    )
+    tuned, converted_weights = read_checkpoint(tmp_path / "runs" / "ft" / "last.pth"), read_checkpoint(source)
+    assert tuned.arch == "mrconvnext_atto" and tuned.model_args["num_classes"] == 4
+    assert tuned.state_dict["head.fc.weight"].shape == (4, 320)
+    for key, value in converted_weights.state_dict.items():
+        if not key.startswith("head.fc.") and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(tuned.state_dict[key], value), key

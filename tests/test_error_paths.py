@@ -1,15 +1,22 @@
-"""Error paths a user hits with train_imagenet.py: each names the file or value and what was expected."""
+"""Error paths a user hits with the tools (train_imagenet.py, validate.py, export, convert, ...): each names the file
+or value and what was expected, as one line without a traceback."""
 
 from __future__ import annotations
 
+import csv
+import importlib
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from accelerate.state import AcceleratorState
 
-from mrconvnext import train_imagenet
+from mrconvnext import train_imagenet, validate
 from mrconvnext.demo import make_shapes_dataset
+from mrconvnext.utils.checkpoint import read_checkpoint
 from mrconvnext.utils.training import PreflightError
 
 TRAIN_ARGS = ["--model", "mrconvnext_atto", "--img-size", "32", "-b", "4", "--epochs", "1", "--workers", "0"]
@@ -68,3 +75,125 @@ def test_resume_from_a_truncated_checkpoint(finished_run, shapes, tmp_path) -> N
     args = ["--data-dir", str(shapes), "--num-classes", "3", "--epochs", "2", "--resume", str(run_dir)]
     message = _preflight_error(args, tmp_path)
     assert f"cannot load checkpoint {str(weights.parent)!r}" in message
+
+
+# ------------------------------------------------------------------------------------------ a newcomer's first hour
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])  # a PNG cut short: the header reads, the pixels do not
+
+
+def test_truncated_images_are_logged_with_their_path_and_counted_once(shapes, tmp_path, caplog) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    broken_train, broken_val = data / "train" / "a" / "a_0001.png", data / "val" / "b" / "b_0000.png"
+    _truncate(broken_train)
+    _truncate(broken_val)
+    out = tmp_path / "out"
+    argv = [*TRAIN_ARGS, "--data-dir", str(data), "--num-classes", "3", "--output", str(out), "--experiment", "run"]
+    with caplog.at_level(logging.WARNING):
+        assert train_imagenet.main(argv) == 0
+    assert str(broken_train) in caplog.text and str(broken_val) in caplog.text
+    with open(out / "run" / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert int(row["eval_samples"]) == 3 * 2 - 1  # the unreadable image is left out, no other counted twice
+
+
+@pytest.fixture(scope="module")
+def ema_run(shapes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ema_run")
+    argv = [*TRAIN_ARGS, "--model-ema", "--data-dir", str(shapes), "--num-classes", "3", "--output", str(out)]
+    train_imagenet.train([*argv, "--experiment", "run"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out / "run"
+
+
+def test_resume_without_ema_stops_at_preflight(ema_run, shapes, tmp_path) -> None:
+    args = ["--data-dir", str(shapes), "--num-classes", "3", "--epochs", "2", "--resume", str(ema_run)]
+    message = _preflight_error([*args, "--no-model-ema"], tmp_path)
+    assert "was trained with --model-ema True, this run has False" in message
+
+
+KWARGS_TOOLS = {  # every tool taking --model-kwargs, with its other required flags (nothing is read)
+    "train_imagenet": ["--data-dir", "nowhere"],
+    "train_sequence": ["--task", "listops", "--data-dir", "nowhere"],
+    "validate": ["--data-dir", "nowhere", "--checkpoint", "none.pth"],
+    "export": ["--checkpoint", "none.pth", "--output", "nowhere"],
+    "plot": ["--checkpoint", "none.pth", "--out", "nowhere"],
+}
+
+
+@pytest.mark.parametrize("tool", list(KWARGS_TOOLS))
+def test_model_kwargs_without_an_equals_sign(tool, capsys) -> None:
+    module = importlib.import_module(f"mrconvnext.{tool}")
+    with pytest.raises(SystemExit) as info:
+        module.main([*KWARGS_TOOLS[tool], "--model-kwargs", "kernel_type", "fourier"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model-kwargs: 'kernel_type' is not KEY=VALUE; did you mean kernel_type=fourier?" in err
+
+
+def test_export_has_no_model_args_flag(capsys) -> None:
+    from mrconvnext import export
+
+    with pytest.raises(SystemExit) as info:
+        export.main(["--checkpoint", "none.pth", "--output", "nowhere", "--model-args", "depth=2"])
+    assert info.value.code == 2 and "unrecognized arguments: --model-args" in capsys.readouterr().err
+
+
+def test_misspelt_model_kwarg_names_the_argument(finished_run, shapes, tmp_path, capsys) -> None:
+    message = _preflight_error(
+        ["--data-dir", str(shapes), "--num-classes", "3", "--model-kwargs", "kernal_type=fourier"], tmp_path
+    )
+    assert "mrconvnext_atto (MRConvNeXt) takes no argument 'kernal_type'; did you mean kernel_type?" in message
+    argv = ["--data-dir", str(shapes), "--checkpoint", str(finished_run / "last.pth"), "-j", "0"]
+    assert validate.main([*argv, "--model-kwargs", "kernal_type=fourier"]) == 1
+    err = capsys.readouterr().err
+    assert "takes no argument 'kernal_type'; did you mean kernel_type?" in err and "__init__" not in err
+
+
+def test_validate_with_another_class_count(finished_run, shapes, capsys) -> None:
+    argv = ["--data-dir", str(shapes), "--checkpoint", str(finished_run / "last.pth"), "-j", "0"]
+    assert validate.main([*argv, "--num-classes", "10"]) == 1
+    assert "has 3 classes but num_classes=10 was given (--num-classes); drop it" in capsys.readouterr().err
+
+
+def test_data_dir_holding_datasets_points_at_them(finished_run, shapes, tmp_path, capsys) -> None:
+    """``--data-dir demo_output``: a folder holding the dataset (``shapes/``), plots and a run folder."""
+    root = tmp_path / "demo_output"
+    shutil.copytree(shapes, root / "shapes")
+    (root / "plots").mkdir()
+    shutil.copy(shapes / "val" / "a" / "a_0000.png", root / "plots" / "alpha.png")
+    shutil.copytree(finished_run, root / "train")
+    argv = ["--data-dir", str(root), "--checkpoint", str(root / "train" / "last.pth"), "-j", "0"]
+    assert validate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{str(root)!r} is not an image folder but holds one: pass --data-dir {root / 'shapes'}" in err
+    assert "--num-classes" not in err
+    message = _preflight_error(["--data-dir", str(root), "--num-classes", "3"], tmp_path)
+    assert f"pass --data-dir {root / 'shapes'}" in message
+
+
+def test_wrong_model_size_names_the_recorded_model(finished_run, shapes, tmp_path, capsys, caplog) -> None:
+    argv = ["--data-dir", str(shapes), "-j", "0", "--model", "mrconvnext_nano"]
+    assert validate.main([*argv, "--checkpoint", str(finished_run / "last.pth")]) == 1
+    assert "holds mrconvnext_atto weights, not mrconvnext_nano" in capsys.readouterr().err
+    bare = tmp_path / "bare.pth"
+    torch.save(read_checkpoint(finished_run / "last.pth").state_dict, bare)
+    with caplog.at_level(logging.INFO):
+        assert validate.main([*argv, "--checkpoint", str(bare)]) == 1
+    assert "does not fit mrconvnext_nano(" in capsys.readouterr().err
+    assert "Loading pretrained weights" not in caplog.text  # no line that reads as success before the error
+
+
+def test_convert_with_a_missing_input_or_output_folder(tmp_path, capsys) -> None:
+    from mrconvnext import convert
+
+    assert convert.main([str(tmp_path / "missing" / "convnext.pth"), str(tmp_path / "out.pth")]) == 1
+    assert f"checkpoint {str(tmp_path / 'missing' / 'convnext.pth')!r} does not exist" in capsys.readouterr().err
+    source = tmp_path / "convnext.pth"
+    torch.save(timm.create_model("convnext_atto", num_classes=3).state_dict(), source)
+    output = tmp_path / "new" / "folder" / "mrconvnext.pth"
+    assert convert.main([str(source), str(output), "--model", "mrconvnext_atto", "--img-size", "32"]) == 0
+    assert read_checkpoint(output).arch == "mrconvnext_atto"

@@ -96,7 +96,8 @@ def shell_commands() -> list[str]:
 # that run that program with the same flags on tiny data.
 COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"make demo$": (
-        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+        "tests/test_install.py::test_installed_demo_passes_without_matplotlib",
+        "tests/test_install.py::test_plot_reads_the_demo_checkpoint_and_its_export",
     ),
     r"make (test|test-slow|lint|format)\b": "suite",
     r"make selfcheck": ("tests/test_readme.py::test_selfcheck_runs",),
@@ -106,7 +107,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_pretrained.py::test_readme_export_command_on_a_non_224_checkpoint",
     ),
     r"python -m mrconvnext\.(demo|train_imagenet|validate)$": (
-        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+        "tests/test_install.py::test_installed_demo_passes_without_matplotlib",
     ),
     r"hf upload ": "not run: uploads to the Hugging Face Hub (no network here)",
     r"hf download \S+ --repo-type dataset --local-dir ": "not run: downloads from the Hugging Face Hub (no network here)",
@@ -154,15 +155,20 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"python benchmarks/branch_norm\.py digits$": ("tests/test_branch_norm.py::test_norm_benchmark_prints_the_table",),
     r"python -m mrconvnext\.plot (--model \S+ )?--checkpoint \S+ --out \S+$": (
         "tests/test_plot.py::test_cli_writes_every_plot_kind",
-        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+        "tests/test_install.py::test_plot_reads_the_demo_checkpoint_and_its_export",
     ),
     r"python -m mrconvnext\.(plot|export)( --format onnx)?$": "not run: a program named in prose, full commands above",
     r"pip install [\"']\.\[(plot|export|data)\][\"']$": "suite: the dev extra `make test` installs includes it",
     r"pip install \.$": (
-        "tests/test_install.py::test_wheel_ships_only_the_package_and_its_demo_runs_outside_the_repository",
+        "tests/test_install.py::test_fresh_environment_has_the_package_and_no_extra",
+        "tests/test_install.py::test_installed_demo_passes_without_matplotlib",
     ),
     r"python -m mrconvnext\.export --format onnx --checkpoint": (
         "tests/test_onnx_export.py::test_readme_deploy_commands",
+    ),
+    # the command `make cpu-torch` runs (against an unreachable index in the test: no torch download)
+    r"(make cpu-torch$|pip install torch torchvision --index-url )": (
+        "tests/test_install.py::test_makefile_prefers_cpu_torch_without_a_gpu_and_falls_back",
     ),
     r"make gpu-check$": ("tests/test_devices.py::test_make_gpu_check_refuses_to_run_without_cuda",),
     r"python train_sequence\.py --task \w+ --data-dir": (
@@ -318,6 +324,7 @@ def test_selfcheck_runs() -> None:
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines()[-1].startswith("PASS: "), result.stdout  # the verdict, last
 
 
 @pytest.mark.slow

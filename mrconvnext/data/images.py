@@ -3,7 +3,8 @@
 ``--dataset`` names the format of ``--data-dir`` (:func:`create_image_dataset`):
 
 ``''`` (an image folder)
-    ``DIR/<split>/<class>/<image>``, read by timm's ``ImageDataset``.
+    ``DIR/<split>/<class>/<image>``, read by timm's ``ImageDataset`` (as
+    :class:`~mrconvnext.utils.evaluation.ImageFolderDataset`: an unreadable image is logged with its path).
 ``wds`` (or timm's spelling ``wds/NAME``)
     webdataset tar shards in the layout of ``timm/imagenet-1k-wds``: ``DIR/imagenet1k-train-0000.tar``, ...; a
     sample is a run of members that share a key (``KEY.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` the image,
@@ -58,6 +59,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..utils.evaluation import ImageFolderDataset
 from .common import DataFormatError
 
 __all__ = [
@@ -589,6 +591,9 @@ def create_image_dataset(
             f"--dataset {name}: timm's iterable readers are not supported (their epochs are not split exactly over "
             "processes and cannot be resumed mid-epoch); use --dataset wds or parquet on the downloaded shards"
         )
+    elif not name:  # an unreadable image named with its path: the next one in training, left out in evaluation
+        folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+        dataset = ImageFolderDataset(folder, transform=transform, unreadable="next" if train else "mark")
     else:
         from timm.data import create_dataset
 

@@ -25,9 +25,15 @@ the planned size) and bare state dicts; what is not recorded is read from the we
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import json
+import logging
 import os
 import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +54,11 @@ from timm.models import (
     split_model_name_tag,
 )
 from timm.models._helpers import clean_state_dict
-from timm.utils import ParseKwargs, reparameterize_model
+from timm.utils import reparameterize_model
 
 from ..layers.mrconv import mrconv_form
 from ..models._builder import select_state_dict
+from .cli import add_model_kwargs_argument
 from .files import atomic_path
 
 __all__ = [
@@ -60,8 +67,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "checkpoint_record",
+    "create_model_checked",
     "create_model_from_checkpoint",
     "is_mrconv_model",
+    "ModelArgumentError",
     "read_checkpoint",
     "save_checkpoint_file",
 ]
@@ -75,22 +84,87 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model asked for; the message names both."""
 
 
+class ModelArgumentError(ValueError):
+    """A ``create_model`` keyword argument the model does not take; the message names it and the closest ones."""
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--model`` and ``--model-kwargs`` of a tool that reads a checkpoint with
     :func:`create_model_from_checkpoint` (the model and its arguments default to the recorded ones)."""
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint (.pth / .pth.tar / .safetensors) or export folder"
     )
-    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
     parser.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="create_model kwargs a bare state dict lacks"
+        "--model", default=None, help="registered model name, e.g. mrconvnext_atto (default: the checkpoint's)"
     )
+    add_model_kwargs_argument(parser, help="create_model kwargs a bare state dict lacks, e.g. img_size=64")
 
 
 def is_mrconv_model(name: str) -> bool:
     """Whether ``name`` is one of this package's registered models (MRConvNeXt or a sequence model)."""
     family = split_model_name_tag(name)[0]
     return timm.is_model(family) and model_entrypoint(family).__module__.startswith("mrconvnext.")
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _init_arguments(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s and, through ``**kwargs``, its bases'."""
+    names: list[str] = []
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        params = list(inspect.signature(base.__init__).parameters.values())[1:]  # without self
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def _unknown_argument_message(name: str, error: TypeError) -> str | None:
+    """For ``timm.create_model(name, ...)``'s ``TypeError`` about a keyword no constructor takes: a message naming
+    the keyword, the class and its closest arguments; None for any other error."""
+    match = _UNEXPECTED_KEYWORD.search(str(error))
+    if match is None:
+        return None
+    owner, key = match.groups()
+    try:
+        with torch.device("meta"):  # no memory, no initialisation: which classes the model is built of
+            model = timm.create_model(name)
+    except Exception:  # then the plain message
+        return None
+    cls = next((type(m) for m in model.modules() if owner in {c.__name__ for c in type(m).__mro__}), None)
+    if cls is None:
+        return None
+    accepted = _init_arguments(cls)
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"it takes {', '.join(accepted)}"
+    return f"{name} ({cls.__name__}) takes no argument {key!r}; {hint}"
+
+
+def create_model_checked(model_name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, **kwargs)``; a keyword argument none of the model's constructors takes (a
+    misspelt ``--model-kwargs`` key) raises :class:`ModelArgumentError` naming it and the closest arguments."""
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        message = _unknown_argument_message(model_name, e)
+        if message is None:
+            raise
+        raise ModelArgumentError(message) from e
+
+
+@contextmanager
+def _quiet_timm_loading() -> Iterator[None]:
+    """Without timm's "Loading pretrained weights" line: this loader reports success or failure itself."""
+    logger = logging.getLogger("timm.models._builder")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _json_safe(value: Any) -> Any:
@@ -332,7 +406,10 @@ def create_model_from_checkpoint(
     if "input_size" not in overlay and "img_size" in args:  # nothing recorded: data at the planned size
         overlay["input_size"] = (args.get("in_chans", 3), *to_2tuple(args["img_size"]))
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **args)
+        with _quiet_timm_loading():
+            model = create_model_checked(name, pretrained=True, pretrained_cfg_overlay=overlay, **args)
+    except ModelArgumentError:
+        raise
     except (RuntimeError, ValueError, TypeError) as e:
         given = "; ".join(f"the checkpoint records {k}={a!r}, given {k}={b!r}" for k, (a, b) in conflicts.items())
         raise CheckpointError(

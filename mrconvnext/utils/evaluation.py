@@ -1,8 +1,8 @@
-"""Evaluation helpers shared by ``validate.py`` and training: image-folder checks and per-sample metrics.
+"""Evaluation helpers shared by ``validate.py`` and training: image folders and per-sample metrics.
 
 Metrics are kept per sample (not per batch, unlike ``timm.utils.accuracy``) so that a distributed run can
 gather them with ``Accelerator.gather_for_metrics``, which drops the samples a sharded loader repeats to even
-out the last batch; every image is then counted exactly once.
+out the last batch; every image is then counted exactly once, and an unreadable one not at all.
 """
 
 from __future__ import annotations
@@ -18,6 +18,28 @@ from timm.data import ImageDataset, get_img_extensions
 _logger = logging.getLogger(__name__)
 
 EVAL_SPLIT_DIRS = ("val", "validation", "valid", "eval", "evaluation", "test")
+_MAX_UNREADABLE = 50  # consecutive unreadable training images before the loader gives up (timm's retry count)
+
+
+def has_image(folder: str) -> bool:
+    """Whether ``folder`` holds an image file, at any depth (stops at the first one)."""
+    extensions = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True
+    return False
+
+
+def datasets_below(root: str) -> list[str]:
+    """The sub-folders of ``root`` that are dataset roots themselves: a ``train/`` or ``val/`` (or other evaluation
+    split) folder of theirs holds images, e.g. ``demo_output/shapes`` of ``demo_output``."""
+    splits = ("train", *EVAL_SPLIT_DIRS)
+    children = sorted(e.path for e in os.scandir(root) if e.is_dir())
+    return [
+        path
+        for path in children
+        if any(os.path.isdir(os.path.join(path, s)) and has_image(os.path.join(path, s)) for s in splits)
+    ]
 
 
 def find_image_folder(root: str, split_dirs: tuple[str, ...] = EVAL_SPLIT_DIRS) -> str:
@@ -33,6 +55,9 @@ def find_image_folder(root: str, split_dirs: tuple[str, ...] = EVAL_SPLIT_DIRS) 
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data dir {root!r} is not a directory")
     folder = next((os.path.join(root, d) for d in split_dirs if os.path.isdir(os.path.join(root, d))), root)
+    nested = datasets_below(root) if folder == root else []
+    if nested:  # a folder of runs, plots and datasets: its "classes" would be their names
+        raise ValueError(f"{root!r} is not an image folder but holds one: pass --data-dir {nested[0]}")
     extensions = get_img_extensions(as_set=True)
 
     def is_image(name: str) -> bool:
@@ -64,21 +89,43 @@ def check_num_classes(class_to_idx: dict, num_classes: int, class_map: str = "")
         )
 
 
-class EvalImageDataset(ImageDataset):
-    """timm's ``ImageDataset`` for evaluation: an unreadable image is reported and gets target -1 (to be left
-    out of every metric and count) instead of being silently replaced by the next image, as timm does."""
+class ImageFolderDataset(ImageDataset):
+    """timm's ``ImageDataset`` that names an unreadable image (a truncated or corrupt file) in a warning with its
+    path. ``unreadable="mark"`` (evaluation) gives it target -1, which :func:`sample_metrics` and
+    :class:`MetricSums` leave out of every metric and count; ``unreadable="next"`` (training) uses the next
+    readable image instead, as timm does."""
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __init__(self, *args, unreadable: str = "mark", **kwargs) -> None:
+        if unreadable not in ("mark", "next"):
+            raise ValueError(f"unreadable={unreadable!r}: expected 'mark' or 'next'")
+        super().__init__(*args, **kwargs)
+        self.unreadable = unreadable
+
+    def _load(self, index: int) -> tuple[Image.Image, int | None]:
         file, target = self.reader[index][:2]
         try:
             img = Image.open(file)
             img = img.convert(self.input_img_mode) if self.input_img_mode else img
             img.load()
-        except OSError as e:
-            _logger.warning(f"skipped unreadable image {self.filename(index, absolute=True)!r}: {e}")
-            img, target = Image.new(self.input_img_mode or "RGB", (1, 1)), -1
         finally:
             file.close()
+        return img, target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for _ in range(_MAX_UNREADABLE):
+            try:
+                img, target = self._load(index)
+                break
+            except OSError as e:
+                path = self.filename(index, absolute=True)
+                if self.unreadable == "mark":
+                    _logger.warning(f"skipped unreadable image {path!r}: {e}")
+                    img, target = Image.new(self.input_img_mode or "RGB", (1, 1)), -1
+                    break
+                _logger.warning(f"unreadable image {path!r} replaced by the next one: {e}")
+                index = (index + 1) % len(self)
+        else:
+            raise RuntimeError(f"{_MAX_UNREADABLE} consecutive unreadable images, the last {path!r}")
         if self.transform is not None:
             img = self.transform(img)
         if target is None:
@@ -89,28 +136,42 @@ class EvalImageDataset(ImageDataset):
 
 
 def sample_metrics(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
-    """Per-sample cross-entropy (float32) and top-k hits (``k`` capped at the class count, as timm's ``accuracy``)."""
+    """Per-sample cross-entropy (float32) and top-k hits (``k`` capped at the class count, as timm's ``accuracy``),
+    and ``readable``: False where the target is -1 (an unreadable image, :class:`ImageFolderDataset`)."""
     logits = logits.float()
+    readable = target >= 0
+    target = target.clamp_min(0)
     maxk = min(max(topk), logits.shape[1])
     hits = logits.topk(maxk, dim=1).indices.eq(target[:, None])
     metrics = {"loss": F.cross_entropy(logits, target, reduction="none")}
     for k in topk:
         metrics[f"top{k}"] = hits[:, : min(k, maxk)].any(dim=1)
+    metrics["readable"] = readable
     return metrics
 
 
 class MetricSums:
-    """Running sums of per-sample metrics; ``summary()`` gives means, in percent for top-k hits."""
+    """Running sums of per-sample metrics; ``summary()`` gives means, in percent for top-k hits. Samples whose
+    ``readable`` entry is False are left out (``count``) and counted in ``skipped``."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.skipped = 0
         self.sums: dict[str, float] = {}
 
     def update(self, metrics: dict) -> None:
         counts = {len(v) for v in metrics.values()}
         if len(counts) != 1:
             raise ValueError(f"per-sample metrics of unequal lengths: { {k: len(v) for k, v in metrics.items()} }")
-        self.count += counts.pop()
+        size = counts.pop()
+        metrics = dict(metrics)
+        readable = metrics.pop("readable", None)
+        if readable is not None:
+            readable = readable.bool()
+            metrics = {k: v[readable] for k, v in metrics.items()}
+            self.skipped += size - int(readable.sum().item())
+            size = int(readable.sum().item())
+        self.count += size
         for name, values in metrics.items():
             self.sums[name] = self.sums.get(name, 0.0) + values.double().sum().item()
 

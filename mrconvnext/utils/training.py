@@ -83,9 +83,12 @@ __all__ = [
     "add_run_arguments",
     "checkpoint_name",
     "checkpoint_problem",
+    "default_num_threads",
     "find_checkpoints",
     "parse_args",
     "run_main",
+    "set_default_num_threads",
+    "usable_cores",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -185,6 +188,36 @@ def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] |
     except RunStopped as stopped:
         print(f"{prog}: {stopped}", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------------------------ CPU threads
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_threads(cores: int, processes: int, workers: int) -> int:
+    """torch threads for each of ``processes`` processes on a machine of ``cores`` cores, each with ``workers``
+    data-loader workers: the cores left to a process once its workers have one each, at least 1. More threads than
+    cores make OpenMP threads spin-wait on each other: one ``make demo`` epoch on a loaded 2-core machine took 114 s
+    with torch's default of 2 threads next to its data worker, and 19 s with 1."""
+    return max(1, cores // max(processes, 1) - workers)
+
+
+def set_default_num_threads(workers: int) -> str:
+    """Lower torch's thread count to :func:`default_num_threads` (processes: ``LOCAL_WORLD_SIZE``, as ``torchrun``
+    and ``accelerate launch`` set it) unless ``OMP_NUM_THREADS`` is set; returns the log line saying what it chose."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    cores, processes = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = min(torch.get_num_threads(), default_num_threads(cores, processes, workers))
+    torch.set_num_threads(threads)
+    return (
+        f"torch threads: {threads} (OMP_NUM_THREADS unset: {cores} cores for {processes} process(es) with "
+        f"{workers} data workers each; set OMP_NUM_THREADS to choose)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ run folder state
@@ -377,7 +410,8 @@ class TrainingRun:
     """One training run: accelerator, run folder, resume, checkpoints, logs, the update and evaluation loops.
 
     Args:
-        args: parsed arguments with the flags of :func:`add_run_arguments` and ``epochs``.
+        args: parsed arguments with the flags of :func:`add_run_arguments`, ``epochs`` and ``workers`` (data-loader
+            workers per process, for the default thread count: :func:`set_default_num_threads`).
         name: the run folder's name without ``--experiment`` (a timestamp is prepended).
         resume_meta: what a resumed run must share with the run that wrote its checkpoint (JSON values,
             saved in every checkpoint's ``meta.json``); a difference is a :class:`PreflightError` naming both.
@@ -397,6 +431,7 @@ class TrainingRun:
         self.resume_meta = _json(resume_meta)
         self.skipped: list[str] = []  # checkpoints passed over on resume, with the reason
         self._choose_checkpoint()
+        threads = set_default_num_threads(args.workers)
         # without a GPU (or other accelerator) accelerate only forms a multi-process CPU (gloo) group with cpu=True
         has_accelerator = (
             torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
@@ -411,6 +446,7 @@ class TrainingRun:
         )
         logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file saved is too much
+        self.log(threads)
         # different dropout and mixup draws per process; the sampler has its own seed (data_seed), augmentation one
         # per sample (mrconvnext.data.images.sample_seed)
         set_seed(args.seed, device_specific=True)
@@ -817,11 +853,8 @@ class TrainingRun:
         for batch in loader:
             with self.accelerator.autocast():
                 logits, targets = forward(batch)
-            valid = targets >= 0
-            metrics = sample_metrics(logits, torch.where(valid, targets, torch.zeros_like(targets)), topk=topk)
-            gathered = self.accelerator.gather_for_metrics({**metrics, "valid": valid})
-            keep = gathered.pop("valid")
-            sums.update({k: v[keep] for k, v in gathered.items()})
+            # a target of -1 is marked unreadable by sample_metrics and left out by MetricSums
+            sums.update(self.accelerator.gather_for_metrics(sample_metrics(logits, targets, topk=topk)))
         self._eval_seconds += time.perf_counter() - start
         return {**sums.summary(), "samples": sums.count}
 

@@ -1,0 +1,65 @@
+"""Command-line pieces every tool shares: the ``--help`` layout and ``--model-kwargs KEY=VALUE`` parsing."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from timm.utils import ParseKwargs as _TimmParseKwargs
+
+__all__ = ["HelpFormatter", "ParseKwargs", "add_model_kwargs_argument"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with every option's default, ``(default: ...)``, as ``ArgumentDefaultsHelpFormatter`` writes
+    it; also for options without help text, and not where the default is None, off or empty, or the help already
+    says what the default is."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            return False
+        if action.default in (None, False, "", argparse.SUPPRESS) or action.default == {}:
+            return False
+        return "default" not in (action.help or "")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if self._shows_default(action) and "%(default)" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+class ParseKwargs(_TimmParseKwargs):
+    """timm's ``--model-kwargs KEY=VALUE ...`` (values read as Python literals, else strings); a word without ``=``
+    is a usage error naming it, instead of a traceback."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Sequence[str] | None,
+        option_string: str | None = None,
+    ) -> Any:
+        values = list(values or ())
+        for index, value in enumerate(values):
+            if "=" not in value.lstrip("="):
+                following = values[index + 1] if index + 1 < len(values) else ""
+                fix = f"{value}={following}" if following and "=" not in following else f"{value}=VALUE"
+                raise argparse.ArgumentError(self, f"{value!r} is not KEY=VALUE; did you mean {fix}?")
+        return super().__call__(parser, namespace, values, option_string)
+
+
+def add_model_kwargs_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str = "extra create_model kwargs"
+) -> None:
+    """``--model-kwargs KEY=VALUE ...`` (:class:`ParseKwargs`), as every tool spells it."""
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help=help)

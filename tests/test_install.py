@@ -174,7 +174,8 @@ def test_exported_demo_model_evaluates_as_training_printed(demo, tmp_path, capsy
     assert result.returncode == 0, result.stderr[-3000:]
     with open(output / "train" / "summary.csv", newline="") as f:
         trained = float(list(csv.DictReader(f))[-1]["eval_top1"])
-    one_image = 100.0 / 400  # float rounding may flip a borderline image; another crop moves a dozen (47.25 vs 44.25)
+    # float rounding may flip a borderline image; another crop moves many (crop 0.875: 51.00 instead of 44.00)
+    one_image = 100.0 / 400
     validated = json.loads((output / "train" / "validate_train.json").read_text())[-1]
     assert validated["top1"] == pytest.approx(trained, abs=one_image) and validated["crop_pct"] == 1.0
 

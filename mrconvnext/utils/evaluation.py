@@ -18,7 +18,7 @@ from timm.data import ImageDataset, get_img_extensions
 _logger = logging.getLogger(__name__)
 
 EVAL_SPLIT_DIRS = ("val", "validation", "valid", "eval", "evaluation", "test")
-_MAX_UNREADABLE = 50  # consecutive unreadable training images before the loader gives up (timm's retry count)
+_MAX_UNREADABLE = 10  # consecutive unreadable training images before the loader gives up (timm's default)
 
 
 def has_image(folder: str) -> bool:
@@ -137,7 +137,8 @@ class ImageFolderDataset(ImageDataset):
 
 def sample_metrics(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
     """Per-sample cross-entropy (float32) and top-k hits (``k`` capped at the class count, as timm's ``accuracy``),
-    and ``readable``: False where the target is -1 (an unreadable image, :class:`ImageFolderDataset`)."""
+    and ``readable``: False where the target is -1 (an unreadable image, :class:`ImageFolderDataset`, or the
+    padding of a sharded dataset), which :class:`MetricSums` leaves out."""
     logits = logits.float()
     readable = target >= 0
     target = target.clamp_min(0)

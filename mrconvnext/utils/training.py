@@ -410,8 +410,8 @@ class TrainingRun:
     """One training run: accelerator, run folder, resume, checkpoints, logs, the update and evaluation loops.
 
     Args:
-        args: parsed arguments with the flags of :func:`add_run_arguments`, ``epochs`` and ``workers`` (data-loader
-            workers per process, for the default thread count: :func:`set_default_num_threads`).
+        args: parsed arguments with the flags of :func:`add_run_arguments`, ``epochs`` and, if the script has
+            data-loader workers, ``workers`` per process (for the default thread count: :func:`set_default_num_threads`).
         name: the run folder's name without ``--experiment`` (a timestamp is prepended).
         resume_meta: what a resumed run must share with the run that wrote its checkpoint (JSON values,
             saved in every checkpoint's ``meta.json``); a difference is a :class:`PreflightError` naming both.
@@ -431,7 +431,7 @@ class TrainingRun:
         self.resume_meta = _json(resume_meta)
         self.skipped: list[str] = []  # checkpoints passed over on resume, with the reason
         self._choose_checkpoint()
-        threads = set_default_num_threads(args.workers)
+        threads = set_default_num_threads(getattr(args, "workers", 0))
         # without a GPU (or other accelerator) accelerate only forms a multi-process CPU (gloo) group with cpu=True
         has_accelerator = (
             torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()

@@ -399,7 +399,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
     accelerator = run.accelerator
     global_batch = args.batch_size * accelerator.num_processes
     lr = resolve_lr(args, global_batch)
-    model = create_model(args)
+    model = run.sync_batchnorm(create_model(args))
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(
@@ -505,6 +505,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
             clip_mode=args.clip_mode,
             on_update=update_ema if model_ema is not None else None,
         )
+        run.distribute_bn(model, model_ema.module if model_ema is not None else None)
         row = {"epoch": epoch + 1, **{k: v for k, v in train_metrics.items() if k != "updates_per_rank"}}
         validate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
         # the same CSV columns every epoch: empty where this epoch was not validated

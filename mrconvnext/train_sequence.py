@@ -196,7 +196,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         raise PreflightError(f"{len(splits['train'])} training examples are fewer than one batch ({args.batch_size})")
 
     kwargs = model_kwargs(args)
-    model = timm.create_model(args.model, **kwargs)
+    model = run.sync_batchnorm(timm.create_model(args.model, **kwargs))
     param_groups = mrconv_param_groups(model, args.weight_decay, args.kernel_lr, args.kernel_weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
     common = dict(num_workers=args.workers, persistent_workers=False)
@@ -239,6 +239,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         metrics = run.train_one_epoch(
             epoch, model, train_loader, optimizer, lr_scheduler, loss_fn, updates_per_epoch, clip_grad=args.clip_grad
         )
+        run.distribute_bn(model)
         row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k != "updates_per_rank"}}
         row.update({f"val_{k}": v for k, v in evaluate(run, model, eval_loaders["val"]).items()})
         saved = run.end_epoch(epoch, row, model, metric=row["val_acc"], task=args.task)

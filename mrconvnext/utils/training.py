@@ -62,6 +62,8 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils.imports import is_tensorboard_available
+from timm.layers import convert_sync_batchnorm
+from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 
 from ..data.common import DataFormatError
@@ -146,6 +148,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
     )
     group.add_argument(
         "--skip-nonfinite-loss", action="store_true", help="skip updates with a NaN/inf loss instead of stopping"
+    )
+    group.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="several processes: BatchNorm statistics of the global batch (SyncBatchNorm; MRConv's branch norms too)",
+    )
+    group.add_argument(
+        "--dist-bn",
+        default="reduce",
+        choices=("reduce", "broadcast", ""),
+        help="several processes, without --sync-bn: after each epoch, before evaluating and saving, the BatchNorm "
+        "running statistics become the processes' average ('reduce'), rank 0's ('broadcast') or stay per process ('')",
     )
 
 
@@ -616,6 +630,30 @@ class TrainingRun:
         name = signal.Signals(self._stop_signal).name if self._stop_signal else "a stop signal on another process"
         saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
         return RunStopped(f"rank {self.accelerator.process_index}: {name}: stopped {where}; {saved}; exit status 0")
+
+    # ------------------------------------------------------------------------------------ BatchNorm across processes
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``--sync-bn`` with several processes: every BatchNorm computes the statistics of the global batch (timm's
+        ``convert_sync_batchnorm``, which converts MRConv's branch norms too). Call before ``accelerator.prepare``."""
+        if not self.args.sync_bn or self.accelerator.num_processes == 1:
+            return model
+        if self.accelerator.device.type == "cpu":
+            raise PreflightError(
+                "--sync-bn needs GPU processes: torch's DistributedDataParallel refuses SyncBatchNorm layers on the "
+                "CPU; drop it (--dist-bn reduce averages the running statistics instead)"
+            )
+        self.log("BatchNorm synchronised across processes (--sync-bn)")
+        return convert_sync_batchnorm(model)
+
+    def distribute_bn(self, *models: nn.Module | None) -> None:
+        """``--dist-bn``: the BatchNorm running statistics of ``models`` made equal on every process (timm's
+        ``distribute_bn``); call after each training epoch, before evaluating and saving."""
+        if self.args.sync_bn or not self.args.dist_bn or self.accelerator.num_processes == 1:
+            return
+        for model in models:
+            if model is not None:
+                distribute_bn(model, self.accelerator.num_processes, reduce=self.args.dist_bn == "reduce")
 
     # ------------------------------------------------------------------------------------ loops
 

@@ -290,8 +290,8 @@ def schedule_warnings(args: argparse.Namespace, num_epochs: int, total_updates: 
 def create_model(args: argparse.Namespace) -> nn.Module:
     """``timm.create_model`` with the recipe's drop path; arguments left at None keep the model's defaults.
 
-    Models built for one input size get ``img_size=--img-size``: MRConvNeXt (its kernels are planned for the
-    training sequence lengths) and the models whose pretrained cfg has ``fixed_input_size`` (timm's rule).
+    Models built for one input size (pretrained cfg ``fixed_input_size``: MRConvNeXt, whose kernels are planned
+    for the training sequence lengths) get ``img_size=--img-size`` by timm's rule (``resolve_model_input_args``).
     MRConvNeXt also gets ``--branch-norm``.
     """
     kwargs = dict(
@@ -302,7 +302,6 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     )
     kwargs.update(args.model_kwargs)
     if is_model_in_modules(args.model, ["mrconvnext"]):
-        kwargs.setdefault("img_size", args.img_size)
         kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "branch_norm": args.branch_norm}
     return timm.create_model(**resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs))
 

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .mrconv import MRConv, MRConv2d
 
@@ -62,6 +63,7 @@ def _complex_matrix(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([real, imag], 1), torch.cat([-imag, real], 1)], 0)
 
 
+@register_notrace_module  # a leaf of timm's FX traces: its length check branches on the input shape
 class LongConv(nn.Module):
     """A deploy-form MRConv at its planned length ``L`` in export-friendly ops.
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 from .branch_norm import BranchBatchNorm
 from .deploy_form import deploy_conv
@@ -94,6 +95,7 @@ def fold_train_form(state_dict: dict[str, torch.Tensor], twins: dict[str, MRConv
     return state_dict
 
 
+@register_notrace_module  # a leaf of timm's FX traces: input checks and the form dispatch branch on shapes
 class MRConv(nn.Module):
     """Depthwise multi-resolution global convolution over ``(B, dim, L)`` sequences.
 
@@ -294,6 +296,7 @@ class MRConv(nn.Module):
         )
 
 
+@register_notrace_module
 class MRConv2d(MRConv):
     """MRConv on ``(B, C, H, W)`` maps: H x W flattened row-major to one sequence and back.
 

@@ -199,7 +199,9 @@ class FourierKernel(SubKernels):
         ``[w_j c_j, ..., w_{N-1} c_{N-1}] @ basis_j``: ``sum_i m_i * 2 modes`` multiply-adds per
         row, forward and backward, which BLAS runs faster than the ``N`` FFTs and the merge.
         """
-        if torch.compiler.is_compiling():  # the cached bases are Python state: trace the irfft path instead
+        # under torch.compile the cached bases (Python state) would unsettle the guards: trace the irfft path instead;
+        # an export traces once, and the real bases keep complex tensors (which ONNX lacks) out of its graph
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             return super().merge(weights, rate)
         plan = tuple(self._sampling(rate))
         key = (plan, float(rate), self.modes.device, self.modes.dtype)

@@ -504,7 +504,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
             clip_mode=args.clip_mode,
             on_update=update_ema if model_ema is not None else None,
         )
-        run.distribute_bn(model, model_ema.module if model_ema is not None else None)
+        run.distribute_bn(model)
         row = {"epoch": epoch + 1, **{k: v for k, v in train_metrics.items() if k != "updates_per_rank"}}
         validate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
         # the same CSV columns every epoch: empty where this epoch was not validated

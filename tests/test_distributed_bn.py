@@ -153,10 +153,10 @@ DRIVER = textwrap.dedent(
     records = []
     distribute_bn, end_epoch = TrainingRun.distribute_bn, TrainingRun.end_epoch
 
-    def recording_distribute_bn(self, model, model_ema):
-        before = [stats(model), stats(model_ema)]
-        distribute_bn(self, model, model_ema)
-        records.append(("distribute_bn", before, [stats(model), stats(model_ema)]))
+    def recording_distribute_bn(self, model):
+        before = [stats(m) for m in (model, *self.averaged_modules)]  # the model, its EMA
+        distribute_bn(self, model)
+        records.append(("distribute_bn", before, [stats(m) for m in (model, *self.averaged_modules)]))
 
     def recording_end_epoch(self, epoch, row, model, metric, model_ema=None, **kwargs):
         records.append(("end_epoch", stats(model), stats(model_ema)))

@@ -19,12 +19,13 @@ from pathlib import Path
 import timm
 import torch
 from timm.data import resolve_data_config
+from timm.models import resolve_model_input_args
 from timm.utils import ParseKwargs, reparameterize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mrconvnext  # noqa: E402, F401  (registers the models)
 from benchmarks.timing import compare, machine_info  # noqa: E402
-from mrconvnext.utils.checkpoint import create_model_from_checkpoint, is_mrconv_model  # noqa: E402
+from mrconvnext.utils.checkpoint import create_model_from_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,9 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if args.checkpoint:
         model = create_model_from_checkpoint(args.checkpoint, args.model, **args.model_kwargs)
-    else:  # a fresh MRConv model is planned for the size it is timed at
-        size = {"img_size": args.img_size} if args.img_size and is_mrconv_model(args.model) else {}
-        model = timm.create_model(args.model, **{**size, **args.model_kwargs}).eval()
+    else:  # a model built for one size (MRConvNeXt: its planned kernels) is built for the size it is timed at
+        model = timm.create_model(**resolve_model_input_args(args.model, vars(args), **args.model_kwargs)).eval()
     config = resolve_data_config({"img_size": args.img_size}, model=model)
     forms = {"train": model, "deploy": reparameterize_model(model)}
     if args.baseline:

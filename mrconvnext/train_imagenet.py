@@ -318,8 +318,8 @@ def schedule_warnings(args: argparse.Namespace, num_epochs: int, total_updates: 
 def create_model(args: argparse.Namespace) -> nn.Module:
     """``timm.create_model`` with the recipe's drop path; arguments left at None keep the model's defaults.
 
-    Models built for one input size get ``img_size=--img-size``: MRConvNeXt (its kernels are planned for the
-    training sequence lengths) and the models whose pretrained cfg has ``fixed_input_size`` (timm's rule).
+    Models built for one input size (pretrained cfg ``fixed_input_size``: MRConvNeXt, whose kernels are planned
+    for the training sequence lengths) get ``img_size=--img-size`` by timm's rule (``resolve_model_input_args``).
     MRConvNeXt also gets ``--branch-norm``.
     """
     kwargs = dict(
@@ -330,7 +330,6 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     )
     kwargs.update(args.model_kwargs)
     if is_model_in_modules(args.model, ["mrconvnext"]):
-        kwargs.setdefault("img_size", args.img_size)
         kwargs["mrconv_kwargs"] = {**kwargs.get("mrconv_kwargs", {}), "branch_norm": args.branch_norm}
     kwargs = resolve_model_input_args(args.model, {"img_size": args.img_size}, **kwargs)
     try:
@@ -445,7 +444,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
     accelerator = run.accelerator
     global_batch = args.batch_size * accelerator.num_processes
     lr = resolve_lr(args, global_batch)
-    model = create_model(args)
+    model = run.sync_batchnorm(create_model(args))
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(
@@ -551,6 +550,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
             clip_mode=args.clip_mode,
             on_update=update_ema if model_ema is not None else None,
         )
+        run.distribute_bn(model)
         row = {"epoch": epoch + 1, **{k: v for k, v in train_metrics.items() if k != "updates_per_rank"}}
         validate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
         # the same CSV columns every epoch: empty where this epoch was not validated

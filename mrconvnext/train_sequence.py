@@ -211,7 +211,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
 
     kwargs = model_kwargs(args)
     try:
-        model = create_model_checked(args.model, **kwargs)
+        model = run.sync_batchnorm(create_model_checked(args.model, **kwargs))
     except ModelArgumentError as e:
         raise PreflightError(f"--model-kwargs: {e}") from e
     param_groups = mrconv_param_groups(model, args.weight_decay, args.kernel_lr, args.kernel_weight_decay)
@@ -256,6 +256,7 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         metrics = run.train_one_epoch(
             epoch, model, train_loader, optimizer, lr_scheduler, loss_fn, updates_per_epoch, clip_grad=args.clip_grad
         )
+        run.distribute_bn(model)
         row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k != "updates_per_rank"}}
         row.update({f"val_{k}": v for k, v in evaluate(run, model, eval_loaders["val"]).items()})
         saved = run.end_epoch(epoch, row, model, metric=row["val_acc"], task=args.task)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_input_data_config
-from timm.models import is_model, is_model_in_modules, list_models, resolve_model_input_args
+from timm.models import is_model, list_models, resolve_model_input_args
 from timm.utils import natural_key, reparameterize_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -187,9 +187,6 @@ def build_model(args: argparse.Namespace, name: str | None, checkpoint: str, pre
     try:
         if checkpoint:
             return create_model_from_checkpoint(checkpoint, name, use_ema=args.use_ema, **kwargs)
-        requested = args.input_size[1:] if args.input_size else args.img_size
-        if requested and is_model_in_modules(name, ["mrconvnext"]):
-            kwargs.setdefault("img_size", requested)
         return create_model_checked(
             **resolve_model_input_args(name, vars(args), pretrained=pretrained, **kwargs)
         ).eval()
@@ -280,13 +277,6 @@ def validate(
     model = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     name = name or model.pretrained_cfg["architecture"]
     data_config = resolve_input_data_config(model, vars(args), use_test_size=True)
-    planned, evaluated = getattr(model, "img_size", None), tuple(data_config["input_size"][1:])
-    if isinstance(planned, tuple) and planned != evaluated:  # MRConvNeXt: kernels planned for one feature-map width
-        _logger.warning(
-            f"warning: evaluating at {evaluated[0]} x {evaluated[1]} a model planned for {planned[0]} x {planned[1]} "
-            f"(img_size of {'the checkpoint' if checkpoint else 'the model'}); its accuracy at another size is not "
-            f"what it was trained for: pass --img-size {planned[0]} to evaluate at the training size"
-        )
     try:
         dataset = ImageFolderDataset(
             folder,

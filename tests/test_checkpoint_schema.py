@@ -213,7 +213,7 @@ def test_timm_train_checkpoints_keep_their_planned_size(tmp_path) -> None:
     planned_64 = _timm_train_checkpoint(tmp_path / "a", {"img_size": SIZE}, img_size=SIZE)
     model = create_model_from_checkpoint(planned_64)
     assert model.img_size == (SIZE, SIZE) and model.num_classes == 4 and model.pretrained_cfg["crop_pct"] == 0.9
-    # timm's train.py does not pass --img-size to the model: planned for 224, trained at 64
+    # a model created without img_size (timm before its scripts passed the data size): planned for 224, trained at 64
     planned_224 = _timm_train_checkpoint(tmp_path / "b", {}, img_size=SIZE)
     model = create_model_from_checkpoint(planned_224)
     assert model.img_size == (224, 224) and model.pretrained_cfg["input_size"] == (3, SIZE, SIZE)

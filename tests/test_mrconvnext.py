@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import timm
 import torch
@@ -219,3 +222,51 @@ def test_train_and_deploy_forms_agree(name: str, img_size: int) -> None:
         # the comparison is sensitive: dropping one MRConv's bias moves the logits far beyond the tolerance
         deployed.stages[1].blocks[0].conv_dw.bias.zero_()
         assert rel_err(deployed(x), ref) > 1e-3
+
+
+def test_another_input_size_warns_once_naming_both_sizes() -> None:
+    model = timm.create_model("mrconvnext_atto", img_size=64).eval()
+    message = r"planned for img_size=64 gets 96 x 96 inputs.*img_size=96"
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default filter: once per call site
+        model(torch.randn(1, 3, 64, 64))
+        assert not caught  # the planned size: silent
+        for _ in range(3):
+            model(torch.randn(1, 3, 96, 96))
+        model.forward_intermediates(torch.randn(1, 3, 96, 96))
+    assert len(caught) == 2 and all(re.search(message, str(w.message)) for w in caught)  # forward, intermediates
+    with pytest.warns(UserWarning, match=r"img_size=\(64, 96\)"):
+        timm.create_model("mrconvnext_atto", img_size=(64, 96), features_only=True)(torch.randn(1, 3, 64, 64))
+
+
+def test_fx_traced_model_is_exact_and_still_warns() -> None:
+    """MRConv layers are leaves of timm's FX traces; the planned-size check stays in the traced graph."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_atto", img_size=64).eval()
+    _randomize_model_(model)
+    nodes = get_graph_node_names(model)[1]
+    assert "stages.0.blocks.0.conv_dw" in nodes  # one node per MRConv2d: not traced through
+    traced = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x)[nodes[-1]], model(x))
+        with pytest.warns(UserWarning, match="planned for img_size=64 gets 32 x 32"):
+            traced(torch.randn(2, 3, 32, 32))
+
+
+def test_timm_scripts_plan_the_model_for_their_data_size() -> None:
+    """The cfgs' fixed_input_size: timm's resolve_model_input_args passes the data size as img_size (train.py,
+    validate.py, benchmark.py and this project's tools), while the model still runs at any size."""
+    from timm.data import resolve_input_data_config
+    from timm.models import get_model_input_config, resolve_model_input_args
+
+    args = resolve_model_input_args("mrconvnext_atto", {"img_size": 96})
+    model = timm.create_model(**args, device="meta")
+    assert model.img_size == (96, 96) and [c["seq_len"] for c in model.mrconv_cfgs] == [576, 144, 36, 9]
+    assert timm.create_model("mrconvnext_atto", device="meta").img_size == (224, 224)
+    assert not get_model_input_config(model)["fixed_input_size"]
+    assert resolve_input_data_config(model, {"img_size": 128})["input_size"] == (3, 128, 128)  # warns, not refuses
+    with pytest.raises(ValueError, match="Conflicting input image sizes"):
+        resolve_model_input_args("mrconvnext_atto", {"img_size": 96}, img_size=224)

@@ -189,6 +189,26 @@ def test_torch_export_round_trip(tmp_path, name, args, deploy):
         loaded(torch.randn(2, 3, 32, 32)) if not lengths else loaded(inputs[0][:, :10], inputs[1])
 
 
+@pytest.mark.parametrize("deploy", [True, False])
+def test_timm_onnx_export_with_dynamo(tmp_path, deploy):
+    """timm's ``onnx_export(..., use_dynamo=True)`` (its onnx_export.py --dynamo): MRConv exports its convolution in
+    ONNX-friendly ops (power-of-two real FFTs, no complex tensors in the graph); onnxruntime agrees, dynamic batch."""
+    from timm.utils.onnx import onnx_export
+
+    torch.manual_seed(0)
+    model = randomize_statistics(timm.create_model("mrconvnext_atto", img_size=32, depths=(1, 1, 1, 1), num_classes=5))
+    if deploy:
+        model = timm.utils.reparameterize_model(model)  # onnx_export.py --reparam
+    path = tmp_path / "model.onnx"
+    onnx_export(model, str(path), input_size=(3, 32, 32), batch_size=2, use_dynamo=True, check_forward=True)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "DFT" in ops
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert _max_rel(_ort_run(path, x), model(x)) < 1e-5
+
+
 def test_export_cli_onnx_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--format", "onnx", "--form", "train", "--model", "mrconvnext_atto", "--checkpoint", "x.pth",

@@ -321,10 +321,10 @@ def test_input_checks_read_no_device_values():
     """Range checks run only on CPU tensors: ``meta`` tensors stand in for accelerator ones (reading a value raises)."""
     model = small_model()
     tokens = torch.empty(2, 10, dtype=torch.long, device="meta")
-    assert model._check_input(tokens).shape == (2, 10)
-    assert model._check_lengths(torch.empty(2, dtype=torch.long, device="meta"), 2, 10).shape == (2,)
+    assert model.inputs.check_input(tokens).shape == (2, 10)
+    assert model.inputs.check_lengths(torch.empty(2, dtype=torch.long, device="meta"), 2, 10).shape == (2,)
     with pytest.raises(ValueError, match=r"lengths of shape \(2,\)"):  # shape checks still apply
-        model._check_lengths(torch.empty(3, dtype=torch.long, device="meta"), 2, 10)
+        model.inputs.check_lengths(torch.empty(3, dtype=torch.long, device="meta"), 2, 10)
 
 
 def test_pretrained_fails_clearly_and_local_weights_load(tmp_path):
@@ -375,3 +375,69 @@ def test_bad_inputs_raise_clear_errors():
         MRConvSequenceModel(vocab_size=10, in_chans=3)
     with pytest.raises(ValueError, match="unknown block_norm"):
         small_model(block_norm="group")
+
+
+def test_device_and_dtype_reach_every_tensor():
+    """timm's factory arguments: created on the device and in the dtype asked for; a new head keeps both."""
+    for kwargs in (dict(device="meta"), dict(device="meta", dtype=torch.float64), dict(dtype=torch.float64)):
+        model = timm.create_model("mrconv_pathfinder_base", depth=2, embed_dim=8, **kwargs)
+        device, dtype = torch.device(kwargs.get("device", "cpu")), kwargs.get("dtype", torch.float32)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        assert [n for n, t in tensors.items() if t.device != device] == []
+        assert [n for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype] == []
+        model.reset_classifier(4)
+        assert model.head.weight.device == device and model.head.weight.dtype == dtype
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    assert timm.create_model("mrconv_pathfinder_base", depth=2, dtype=torch.float64)(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["mrconv_pathfinder_base", "mrconv_listops_base", "mrconv_retrieval_base"])
+def test_forward_intermediates_and_features_only(name):
+    """One output per block (timm's ``forward_intermediates``, ``features_only=True``), in the layouts it names."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, seq_len=64, depth=3, embed_dim=8).eval()
+    randomize_model_(model)
+    assert [(f["num_chs"], f["reduction"], f["module"]) for f in model.feature_info] == [
+        (8, 1, f"blocks.{i}") for i in range(3)
+    ]
+    if name == "mrconv_pathfinder_base":
+        x, lengths, grid = torch.randn(2, 1, 8, 8), None, (8, 8)
+    else:
+        x = torch.randint(1, model.vocab_size, (2, 2, 64) if model.pair_input else (2, 64))
+        lengths, grid = torch.tensor([[64, 40], [30, 64]] if model.pair_input else [64, 30]), None
+    with torch.no_grad():
+        final, blocks = model.forward_intermediates(x, lengths=lengths)
+        torch.testing.assert_close(final, model.forward_features(x, lengths))
+        # the same values as every block's output of an explicit pass, back in (B, [2,] D, L) or (B, D, H, W)
+        seqs, mask = model.inputs(x, lengths)
+        h = model.encoder(seqs).transpose(1, 2) * (mask if mask is not None else 1)
+        for block, got in zip(model.blocks, blocks, strict=True):
+            h = block(h, mask)
+            want = h.view(2, -1, *h.shape[1:]).transpose(0, 1) if model.pair_input else h
+            torch.testing.assert_close(got, want.unflatten(-1, grid) if grid else want)
+        nlc = model.forward_intermediates(x, indices=[0, 2], output_fmt="NLC", intermediates_only=True, lengths=lengths)
+        torch.testing.assert_close(
+            nlc[1], blocks[2].flatten(-2).transpose(-1, -2) if grid else blocks[2].transpose(-1, -2)
+        )
+        assert len(model.forward_intermediates(x, indices=1, stop_early=True, lengths=lengths)[1]) == 1
+        with pytest.raises(ValueError, match="output_fmt"):
+            model.forward_intermediates(x, output_fmt="NHWC")
+        if grid:  # timm's features_only wrapper: the blocks' maps, the head and norm pruned
+            features = timm.create_model(name, seq_len=64, depth=3, embed_dim=8, features_only=True, out_indices=(0, 2))
+            assert features.feature_info.channels() == [8, 8] and features.feature_info.reduction() == [1, 1]
+            assert [tuple(f.shape) for f in features.eval()(x)] == [(2, 8, 8, 8)] * 2
+
+
+def test_fx_traced_sequence_model_matches_with_and_without_lengths():
+    """MRConv layers and the input checks are leaves of timm's FX traces; padding masks may be None at run time."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = small_model()
+    randomize_model_(model)
+    model.eval()
+    out = get_graph_node_names(model)[1][-1]
+    traced = create_feature_extractor(model, return_nodes=[out])
+    tokens, lengths = torch.randint(1, 11, (2, 48)), torch.tensor([48, 20])
+    with torch.no_grad():
+        torch.testing.assert_close(traced(tokens)[out], model(tokens))
+        torch.testing.assert_close(traced(tokens, lengths)[out], model(tokens, lengths))

@@ -7,6 +7,10 @@ With gradients (fine-tuning a deployed layer) the kernel goes through the differ
 cached per layer, keyed by sequence length, device and dtype and checked against the parameters'
 version counters and storage (in-place updates, ``load_state_dict`` and moves invalidate it); the
 bias rides in the FFT's DC bin. On the CPU, short sequences use the dense Toeplitz matrix instead.
+
+While ``torch.export`` traces (also the dynamo-based ONNX exporter, timm's ``onnx_export(..., use_dynamo=True)``)
+MRConv takes :func:`export_conv` instead: the same convolution in ops both take, with no Python-side cache,
+channel blocks or in-place spectrum updates.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .fft_conv import (
     toeplitz_kernel,
 )
 
-__all__ = ["deploy_conv"]
+__all__ = ["deploy_conv", "export_conv", "power_of_two_length", "spectral_conv"]
 
 # On the CPU, sequences up to this length use a dense Toeplitz matmul for inference: at L = 49 it was
 # 2.7x faster than rfft + mul + irfft (1 CPU thread), at L = 196 1.3x slower.
@@ -80,3 +84,32 @@ def _cached_inference(
         rows = u if u.stride(-1) == 1 else u.contiguous()
         return torch.baddbmm(shift[:, None, None], rows.transpose(0, 1), kernel).transpose(0, 1)
     return fft_conv_spectrum(u, kernel, n, shift)
+
+
+def power_of_two_length(seq_len: int, causal_taps: int, anticausal_taps: int) -> int:
+    """Power of two with no circular wrap-around onto outputs ``[0, L)`` (lags ``-Ka .. Kc-1``): onnxruntime has
+    a radix-2 FFT for powers of two only (other lengths take an O(n^2) DFT that loses float32 accuracy)."""
+    need = seq_len + max(anticausal_taps, causal_taps - 1)
+    return 1 << (need - 1).bit_length()
+
+
+def spectral_conv(x: torch.Tensor, spectrum_real: torch.Tensor, spectrum_imag: torch.Tensor, n: int) -> torch.Tensor:
+    """``irfft(rfft(x, n) K, n)[..., :L]`` for ``x`` ``(B, D, L)`` and a kernel spectrum ``K`` ``(D, n // 2 + 1)``
+    given by its real and imaginary parts: complex values only in and out of the FFTs, as ONNX's DFT op has them."""
+    spectrum = torch.view_as_real(torch.fft.rfft(x, n=n))
+    real, imag = spectrum[..., 0], spectrum[..., 1]
+    product = torch.stack(
+        [real * spectrum_real - imag * spectrum_imag, real * spectrum_imag + imag * spectrum_real], -1
+    )
+    return torch.fft.irfft(torch.view_as_complex(product), n=n)[..., : x.shape[-1]]
+
+
+def export_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool) -> torch.Tensor:
+    """:func:`deploy_conv` in ops that ``torch.export`` and the ONNX exporter take: power-of-two real FFTs of
+    the whole tensor, the kernel's spectrum computed in the graph, the bias added to the output."""
+    seq_len = x.shape[-1]
+    causal = min(weight.shape[-1], seq_len)
+    anticausal = min(weight.shape[-1], seq_len - 1) if bidirectional else 0
+    n = power_of_two_length(seq_len, causal, anticausal)
+    spectrum = torch.view_as_real(torch.fft.rfft(kernel_buffer(weight, seq_len, n, bidirectional), n=n))
+    return spectral_conv(x, spectrum[..., 0], spectrum[..., 1], n) + bias[:, None]

@@ -199,15 +199,18 @@ class FourierKernel(SubKernels):
         ``[w_j c_j, ..., w_{N-1} c_{N-1}] @ basis_j``: ``sum_i m_i * 2 modes`` multiply-adds per
         row, forward and backward, which BLAS runs faster than the ``N`` FFTs and the merge.
         """
-        if torch.compiler.is_compiling():  # the cached bases are Python state: trace the irfft path instead
-            return super().merge(weights, rate)
         plan = tuple(self._sampling(rate))
         key = (plan, float(rate), self.modes.device, self.modes.dtype)
-        bases = self._bases.get(key)
-        if bases is None:
-            if len(self._bases) >= _BASES_CACHE_SIZE:
-                self._bases.clear()
-            bases = self._bases[key] = _fourier_bases(plan, self.num_modes, float(rate), *key[2:])
+        if torch.compiler.is_exporting():  # real bases built in the graph: no complex tensors (ONNX has none)
+            bases = _fourier_bases(plan, self.num_modes, float(rate), *key[2:])
+        elif torch.compiler.is_compiling():  # the cached bases are Python state: trace the irfft path instead
+            return super().merge(weights, rate)
+        else:
+            bases = self._bases.get(key)
+            if bases is None:
+                if len(self._bases) >= _BASES_CACHE_SIZE:
+                    self._bases.clear()
+                bases = self._bases[key] = _fourier_bases(plan, self.num_modes, float(rate), *key[2:])
         with no_autocast(self.modes.device):
             scaled = (weights * self.modes).movedim(0, -2)  # (dirs, D, N, 2 * modes)
             segments = [scaled[..., first:, :].flatten(-2) @ basis for first, basis in bases]

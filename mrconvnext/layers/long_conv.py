@@ -30,7 +30,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
+from .deploy_form import power_of_two_length, spectral_conv
 from .mrconv import MRConv, MRConv2d
 
 __all__ = ["LONG_CONV_METHODS", "ONNX_TOEPLITZ_MAX_LEN", "TOEPLITZ_MAX_BYTES", "LongConv"]
@@ -38,12 +40,6 @@ __all__ = ["LONG_CONV_METHODS", "ONNX_TOEPLITZ_MAX_LEN", "TOEPLITZ_MAX_BYTES", "
 LONG_CONV_METHODS = ("auto", "toeplitz", "matmul", "dft")
 ONNX_TOEPLITZ_MAX_LEN = 128  # measured in onnxruntime, see the module docstring
 TOEPLITZ_MAX_BYTES = 2**26  # 64 MiB of Toeplitz constants per layer
-
-
-def _dft_length(seq_len: int, causal_taps: int, anticausal_taps: int) -> int:
-    """Power of two with no circular wrap-around onto outputs ``[0, L)`` (lags ``-Ka .. Kc-1``)."""
-    need = seq_len + max(anticausal_taps, causal_taps - 1)
-    return 1 << (need - 1).bit_length()
 
 
 def _factor_length(seq_len: int, causal_taps: int, anticausal_taps: int) -> tuple[int, int]:
@@ -62,6 +58,7 @@ def _complex_matrix(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([real, imag], 1), torch.cat([-imag, real], 1)], 0)
 
 
+@register_notrace_module  # a leaf of timm's FX traces: its length check branches on the input shape
 class LongConv(nn.Module):
     """A deploy-form MRConv at its planned length ``L`` in export-friendly ops.
 
@@ -110,7 +107,7 @@ class LongConv(nn.Module):
             self.register_buffer("toeplitz", taps[:, lags].float())
             return
         if self.method == "dft":
-            self.n = _dft_length(seq_len, causal.shape[1], anticausal.shape[1])
+            self.n = power_of_two_length(seq_len, causal.shape[1], anticausal.shape[1])
         else:
             self.n1, self.n2 = _factor_length(seq_len, causal.shape[1], anticausal.shape[1])
             self.n = self.n1 * self.n2
@@ -171,16 +168,7 @@ class LongConv(nn.Module):
         elif self.method == "matmul":
             y = self._conv_matmul(x)
         else:
-            spectrum = torch.view_as_real(torch.fft.rfft(x, n=self.n))
-            real, imag = spectrum[..., 0], spectrum[..., 1]
-            product = torch.stack(
-                [
-                    real * self.spectrum_real - imag * self.spectrum_imag,
-                    real * self.spectrum_imag + imag * self.spectrum_real,
-                ],
-                dim=-1,
-            )
-            y = torch.fft.irfft(torch.view_as_complex(product), n=self.n)[..., : self.seq_len]
+            y = spectral_conv(x, self.spectrum_real, self.spectrum_imag, self.n)
         return (y + self.bias).reshape(shape)
 
     def _conv_matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 from .branch_norm import BranchBatchNorm
-from .deploy_form import deploy_conv
-from .fft_conv import fft_conv
+from .deploy_form import deploy_conv, export_conv
+from .fft_conv import fft_conv, full_precision
 from .kernels import KERNEL_TYPES, SubKernels, create_kernel
-from .train_form import batch_norm_conv, concat_kernel, merged_batch_norm_kernel, scaled_kernel
+from .train_form import batch_norm_conv, concat_kernel, eval_batch_norm_kernel, merged_batch_norm_kernel, scaled_kernel
 
 __all__ = [
     "MRConv",
@@ -94,6 +95,7 @@ def fold_train_form(state_dict: dict[str, torch.Tensor], twins: dict[str, MRConv
     return state_dict
 
 
+@register_notrace_module  # a leaf of timm's FX traces: input checks and the form dispatch branch on shapes
 class MRConv(nn.Module):
     """Depthwise multi-resolution global convolution over ``(B, dim, L)`` sequences.
 
@@ -274,16 +276,43 @@ class MRConv(nn.Module):
             raise RuntimeError(
                 "MRConv's FFT convolution cannot be traced by TorchScript: export MRConv models with "
                 "`python -m mrconvnext.export --format onnx` (or mrconvnext.utils.onnx.export_onnx), which swaps "
-                "every MRConv for its export form (LongConv)"
+                "every MRConv for its export form (LongConv), or with timm's onnx_export(..., use_dynamo=True)"
             )
+        if torch.compiler.is_exporting():  # torch.export, the dynamo-based ONNX exporter
+            return self._export_form(x, rate)
         if not self.deploy:
             return self._train_form(x, rate)
+        self._check_deploy_rate(rate)
+        return deploy_conv(x, self.weight, self.bias, self.bidirectional, self._deploy_cache)
+
+    def _check_deploy_rate(self, rate: float) -> None:
         if rate != 1:
             raise ValueError(
                 "a reparameterized MRConv is fixed to its training sampling rate; "
                 "resample (rate != 1) before calling reparameterize()"
             )
-        return deploy_conv(x, self.weight, self.bias, self.bidirectional, self._deploy_cache)
+
+    def _export_form(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        """Eq. 13 in exportable ops (:func:`~mrconvnext.layers.deploy_form.export_conv`): the deploy form's kernel,
+        or the eval-mode train form's merged in the graph (Eqs. 8, 13, 18)."""
+        if self.deploy:
+            self._check_deploy_rate(rate)
+        elif self.training:
+            raise RuntimeError("a train-form MRConv exports in eval mode only (its BatchNorms use running statistics)")
+
+        def conv(u: torch.Tensor) -> torch.Tensor:
+            if self.deploy:
+                weight, bias = self.weight.to(u.dtype), self.bias.to(u.dtype)
+            else:
+                if self.combine == "sum" and self.branch_norm == "batch":
+                    weight, bias = eval_batch_norm_kernel(self.kernel, self.norm, self.alpha, u.dtype, rate)
+                else:
+                    weight = self._train_kernel(rate).to(u.dtype)
+                    bias = weight.new_zeros(self.dim)
+                weight = weight if self.bidirectional else weight[0]
+            return export_conv(u, weight, bias, self.bidirectional)
+
+        return full_precision(conv, x)
 
     def extra_repr(self) -> str:
         return (
@@ -294,6 +323,7 @@ class MRConv(nn.Module):
         )
 
 
+@register_notrace_module
 class MRConv2d(MRConv):
     """MRConv on ``(B, C, H, W)`` maps: H x W flattened row-major to one sequence and back.
 

@@ -9,7 +9,9 @@ Paper defaults (Appendix D.5): at 224 x 224 the four stages see sequences of len
 bidirectional kernels, Fourier + sparse sub-kernels. The sequence lengths a model plans its kernels for
 follow ``img_size``. Other input sizes run (kernels are cut or zero-padded to the input length), but a
 1D kernel over flattened rows is tied to the feature-map width it was trained at: the lag that means
-"one row down" at the training width means something else at another width.
+"one row down" at the training width means something else at another width, so the first such input warns
+(:func:`check_planned_size`). The pretrained cfgs declare ``fixed_input_size`` so that timm's scripts
+(``resolve_model_input_args``) plan the model for the size of their data; the model itself runs at any size.
 
 Checkpoints: :func:`checkpoint_filter_fn` accepts timm / training-script layouts (``state_dict``,
 ``state_dict_ema``, ``model``, ``model_ema`` keys or a bare state dict, ``module.`` / ``_orig_mod.``
@@ -22,10 +24,12 @@ source raises at once an error that says how to load local weights.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, to_ntuple
 from timm.models import generate_default_cfgs, register_model
@@ -36,7 +40,30 @@ from ..layers.mrconv import MRConv2d, fold_train_form, mrconv_form, train_form_t
 from ._builder import ReparameterizeMixin, build_mrconv_model, select_state_dict
 from .convnext_conversion import convert_convnext, is_convnext_state_dict
 
-__all__ = ["MRConvNeXt", "checkpoint_filter_fn"]
+__all__ = ["MRConvNeXt", "check_planned_size", "checkpoint_filter_fn"]
+
+
+def check_planned_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
+    """``x`` unchanged, after a warning when its ``H x W`` is not the ``img_size`` the MRConv kernels were planned
+    for: their lags over flattened rows belong to the planned width (Appendix D.5). Python's default filter shows
+    it once per call site and pair of sizes. A leaf of ``torch.fx`` traces (``torch.fx.wrap``): traced graphs warn
+    too."""
+    size = (x.shape[-2], x.shape[-1])
+    if size != img_size:
+
+        def named(hw: tuple[int, int]) -> object:
+            return hw[0] if hw[0] == hw[1] else hw
+
+        warnings.warn(
+            f"MRConvNeXt planned for img_size={named(img_size)} gets {size[0]} x {size[1]} inputs: its kernels' "
+            f"row lags belong to the planned width; create the model with img_size={named(size)} to plan it for "
+            f"this size (timm's scripts: --img-size {size[0]}, or --model-kwargs img_size={named(size)})",
+            stacklevel=3,
+        )
+    return x
+
+
+torch.fx.wrap("check_planned_size")
 
 
 class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
@@ -69,7 +96,9 @@ class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
         # 1x1 placeholders for the depthwise convs, replaced by MRConv2d below
         super().__init__(kernel_sizes=1, device=device, dtype=dtype, **kwargs)
         self.img_size = to_2tuple(img_size)
-        self._traits = {"img_size": self.img_size}  # timm's record of the planned size (get_model_args)
+        # timm's record of the planned size (get_model_args); any input size runs (check_planned_size warns), although
+        # the cfgs' fixed_input_size has timm's scripts plan the model for their data size
+        self._traits = {"img_size": self.img_size, "fixed_input_size": False}
         kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
         if len(kernel_sizes) != len(self.stages):
             raise ValueError(f"kernel_sizes needs one length per stage ({len(self.stages)}), got {kernel_sizes}")
@@ -121,6 +150,13 @@ class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
             if [{k: tuple(v.shape) for k, v in layer.state_dict().items()} for layer in layers] == have:
                 return size
         return None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_features(check_planned_size(x, self.img_size))
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """timm's ConvNeXt ``forward_intermediates`` (``features_only`` models call it)."""
+        return super().forward_intermediates(check_planned_size(x, self.img_size), *args, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -242,6 +278,7 @@ def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
         "hf_hub_id": hf_hub_id,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        "fixed_input_size": True,  # the kernels are planned for one size: timm's scripts pass theirs as img_size
         "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",

@@ -27,18 +27,22 @@ mode the padding *length* still enters BatchNorm batch statistics (as in S4), it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 
 from ..layers.mrconv import MRConv, fold_train_form, train_form_twins
 from ._builder import ReparameterizeMixin, build_mrconv_model, select_state_dict
 
-__all__ = ["MRConvSequenceModel", "MRConvSequenceBlock", "checkpoint_filter_fn"]
+__all__ = ["MRConvSequenceModel", "MRConvSequenceBlock", "SequenceInput", "checkpoint_filter_fn"]
 
 BLOCK_NORMS = ("batch", "layer")
 DEFAULT_MRCONV_KWARGS: dict[str, Any] = dict(kernel_size=8, kernel_type="fourier", bidirectional=True)
@@ -51,6 +55,100 @@ def _host_checkable(values: torch.Tensor) -> bool:
     (there an out-of-range id fails in the embedding instead) and a graph break under ``torch.compile``.
     """
     return values.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the padded positions zeroed (``mask`` ``(N, 1, L)``, True at valid positions), or ``x`` unmasked."""
+    return x if mask is None else x * mask
+
+
+def masked_mean(x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+    """Mean of ``x`` ``(..., L, D)`` over its valid positions ``t < lengths`` (``lengths`` ``(...)``), or all of them."""
+    if lengths is None:
+        return x.mean(dim=-2)
+    lengths = torch.as_tensor(lengths, device=x.device)
+    valid = torch.arange(x.shape[-2], device=x.device) < lengths[..., None]  # (..., L)
+    return (x * valid[..., None].to(x.dtype)).sum(dim=-2) / lengths[..., None].to(x.dtype)
+
+
+# leaves of torch.fx traces: a padding mask or lengths that may be None at run time
+torch.fx.wrap("apply_mask")
+torch.fx.wrap("masked_mean")
+
+
+@register_notrace_module  # a leaf of FX traces: the checks read shapes, dtypes and (CPU) values
+class SequenceInput(nn.Module):
+    """A sequence model's input check and layout: ``(x, lengths)`` as the model takes them (see
+    :class:`MRConvSequenceModel`) to ``(N, L)`` token ids or ``(N, L, C)`` features and the padding mask
+    ``(N, 1, L)`` (True at valid positions; None without ``lengths``); ``N = B``, or ``2B`` for pairs, stacked on
+    the batch axis as S4 does (``(z b)``, ``z = 2``). Holds no weights."""
+
+    def __init__(self, name: str, vocab_size: int | None, in_chans: int, pair_input: bool, image_input: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.vocab_size = vocab_size
+        self.in_chans = in_chans
+        self.pair_input = pair_input
+        self.image_input = image_input
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate ``x`` and return it as ``(B, L)`` tokens (``(2B, L)`` rows for pairs) or ``(B, L, C)`` features."""
+        name = self.name
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor input, got {type(x).__name__}")
+        if self.vocab_size is not None:
+            layout = "(B, 2, L)" if self.pair_input else "(B, L)"
+            if x.ndim != (3 if self.pair_input else 2) or (self.pair_input and x.shape[1] != 2):
+                raise ValueError(f"{name} expects token ids of shape {layout}, got shape {tuple(x.shape)}")
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise TypeError(f"{name} expects integer token ids {layout}, got dtype {x.dtype}")
+            if _host_checkable(x) and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+                raise ValueError(
+                    f"{name} expects token ids in [0, {self.vocab_size}), got values in [{int(x.min())}, {int(x.max())}]"
+                )
+            return x.reshape(-1, x.shape[-1]).long()
+        layouts = "(B, L, in_chans)" + (" or (B, in_chans, H, W)" if self.image_input else "")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point input {layouts}, got dtype {x.dtype}")
+        if self.image_input and x.ndim == 4:
+            if x.shape[1] != self.in_chans:
+                raise ValueError(f"{name} expects images with {self.in_chans} channels, got shape {tuple(x.shape)}")
+            return x.flatten(2).transpose(1, 2)  # row-major: (B, H * W, C)
+        if x.ndim != 3 or x.shape[-1] != self.in_chans:
+            raise ValueError(
+                f"{name} expects input of shape {layouts} with in_chans={self.in_chans}, got {tuple(x.shape)}"
+            )
+        return x
+
+    def check_lengths(self, lengths: torch.Tensor | Sequence[int], batch: int, seq_len: int) -> torch.Tensor:
+        """Validate ``lengths`` and return it flattened to ``(B,)`` (``(2B,)`` for pairs, row-major)."""
+        name = self.name
+        lengths = torch.as_tensor(lengths)
+        shape = (batch, 2) if self.pair_input else (batch,)
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"{name} expects integer lengths, got dtype {lengths.dtype}")
+        if tuple(lengths.shape) != shape:
+            raise ValueError(f"{name} expects lengths of shape {shape}, got {tuple(lengths.shape)}")
+        if _host_checkable(lengths) and lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+            raise ValueError(
+                f"{name} expects 1 <= lengths <= L={seq_len}, got values in [{int(lengths.min())}, {int(lengths.max())}]"
+            )
+        return lengths.reshape(-1)
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = x.shape[0] if isinstance(x, torch.Tensor) else 0
+        seqs = self.check_input(x)
+        mask = None
+        if lengths is not None:
+            flat = self.check_lengths(lengths, batch, seqs.shape[1]).to(seqs.device)
+            if self.pair_input:  # S4 stacks the documents on the batch axis: (z b), z = 2
+                flat = flat.view(batch, 2).t().reshape(-1)
+            mask = (torch.arange(seqs.shape[1], device=seqs.device) < flat[:, None]).unsqueeze(1)
+        if self.pair_input:
+            seqs = seqs.view(batch, 2, -1).transpose(0, 1).reshape(2 * batch, -1)
+        return seqs, mask
 
 
 class ChannelsFirstLayerNorm(nn.LayerNorm):
@@ -104,12 +202,11 @@ class MRConvSequenceBlock(nn.Module):
         self.drop_res = nn.Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rate: float = 1.0) -> torch.Tensor:
-        """``x``: ``(B, D, L)``; ``mask``: ``(B, 1, L)`` with 1 at valid positions, or None."""
+        """``x``: ``(B, D, L)``; ``mask``: ``(B, 1, L)``, 1 (or True) at valid positions, or None."""
         shortcut = x
         if self.prenorm:
             x = self.norm(x)
-        if mask is not None:
-            x = x * mask
+        x = apply_mask(x, mask)
         y = self.conv(x, rate=rate) + x * self.skip[:, None]
         y = self.glu(self.proj(self.drop(self.act(y))))
         x = shortcut + self.drop_res(y)
@@ -146,6 +243,10 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
         pair_input: two documents per example and the retrieval head.
         image_input: accept ``(B, C, H, W)`` images.
         deploy: build every MRConv in its reparameterized form (to load deployed weights).
+        device, dtype: where and in which dtype the parameters and buffers are created (timm's factory arguments).
+
+    ``feature_info`` lists the blocks' outputs, which :meth:`forward_intermediates` returns (and timm's
+    ``features_only=True`` wrapper).
     """
 
     def __init__(
@@ -163,6 +264,8 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
         image_input: bool = False,
         mrconv_kwargs: dict[str, Any] | None = None,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if vocab_size is not None and (vocab_size < 1 or in_chans != 1 or image_input):
@@ -180,31 +283,36 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
         self.image_input = image_input
         self.num_features = self.head_hidden_size = embed_dim
         self.drop_rate = drop_rate
+        self.feature_info = [dict(num_chs=embed_dim, reduction=1, module=f"blocks.{i}") for i in range(depth)]
 
-        if vocab_size is not None:
-            self.encoder = nn.Embedding(vocab_size, embed_dim)
-        else:
-            self.encoder = nn.Linear(in_chans, embed_dim)
-        self.blocks = nn.ModuleList(
-            [
-                MRConvSequenceBlock(
-                    embed_dim,
-                    seq_len,
-                    block_norm=block_norm,
-                    prenorm=prenorm,
-                    drop_rate=drop_rate,
-                    mrconv_kwargs=mrconv_kwargs,
-                    deploy=deploy,
-                )
-                for _ in range(depth)
-            ]
-        )
-        self.norm = _create_norm(block_norm, embed_dim) if prenorm else nn.Identity()
-        if pair_input:  # S4 RetrievalHead(nli=True): features [x1, x2, x1 - x2, x1 * x2]
-            self.pre_logits = nn.Sequential(nn.Linear(4 * embed_dim, embed_dim), nn.ReLU())
-        else:
-            self.pre_logits = nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.inputs = SequenceInput(type(self).__name__, vocab_size, in_chans, pair_input, image_input)
+        with torch.device(device) if device is not None else nullcontext():
+            if vocab_size is not None:
+                self.encoder = nn.Embedding(vocab_size, embed_dim)
+            else:
+                self.encoder = nn.Linear(in_chans, embed_dim)
+            self.blocks = nn.ModuleList(
+                [
+                    MRConvSequenceBlock(
+                        embed_dim,
+                        seq_len,
+                        block_norm=block_norm,
+                        prenorm=prenorm,
+                        drop_rate=drop_rate,
+                        mrconv_kwargs=mrconv_kwargs,
+                        deploy=deploy,
+                    )
+                    for _ in range(depth)
+                ]
+            )
+            self.norm = _create_norm(block_norm, embed_dim) if prenorm else nn.Identity()
+            if pair_input:  # S4 RetrievalHead(nli=True): features [x1, x2, x1 - x2, x1 * x2]
+                self.pre_logits = nn.Sequential(nn.Linear(4 * embed_dim, embed_dim), nn.ReLU())
+            else:
+                self.pre_logits = nn.Identity()
+        self.reset_classifier(num_classes)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     # ------------------------------------------------------------------------------ timm API
     @torch.jit.ignore
@@ -212,74 +320,22 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
+        """A fresh ``Linear`` head (on the model's device, in its dtype), or none for ``num_classes=0``."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    # ------------------------------------------------------------------------------ inputs
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate ``x`` and return it as ``(N, L)`` tokens or ``(N, L, in_chans)`` features."""
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} expects a torch.Tensor input, got {type(x).__name__}")
-        if self.vocab_size is not None:
-            layout = "(B, 2, L)" if self.pair_input else "(B, L)"
-            if x.ndim != (3 if self.pair_input else 2) or (self.pair_input and x.shape[1] != 2):
-                raise ValueError(f"{name} expects token ids of shape {layout}, got shape {tuple(x.shape)}")
-            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-                raise TypeError(f"{name} expects integer token ids {layout}, got dtype {x.dtype}")
-            if _host_checkable(x) and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
-                raise ValueError(
-                    f"{name} expects token ids in [0, {self.vocab_size}), got values in [{int(x.min())}, {int(x.max())}]"
-                )
-            return x.reshape(-1, x.shape[-1]).long()
-        layouts = "(B, L, in_chans)" + (" or (B, in_chans, H, W)" if self.image_input else "")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} expects a floating-point input {layouts}, got dtype {x.dtype}")
-        if self.image_input and x.ndim == 4:
-            if x.shape[1] != self.in_chans:
-                raise ValueError(f"{name} expects images with {self.in_chans} channels, got shape {tuple(x.shape)}")
-            return x.flatten(2).transpose(1, 2)  # row-major: (B, H * W, C)
-        if x.ndim != 3 or x.shape[-1] != self.in_chans:
-            raise ValueError(
-                f"{name} expects input of shape {layouts} with in_chans={self.in_chans}, got {tuple(x.shape)}"
-            )
-        return x
-
-    def _check_lengths(self, lengths: torch.Tensor | Sequence[int], batch: int, seq_len: int) -> torch.Tensor:
-        """Validate ``lengths`` and return it flattened to ``(N,)`` in the order of the stacked batch."""
-        name = type(self).__name__
-        lengths = torch.as_tensor(lengths)
-        shape = (batch, 2) if self.pair_input else (batch,)
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"{name} expects integer lengths, got dtype {lengths.dtype}")
-        if tuple(lengths.shape) != shape:
-            raise ValueError(f"{name} expects lengths of shape {shape}, got {tuple(lengths.shape)}")
-        if _host_checkable(lengths) and lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
-            raise ValueError(
-                f"{name} expects 1 <= lengths <= L={seq_len}, got values in [{int(lengths.min())}, {int(lengths.max())}]"
-            )
-        return lengths.reshape(-1)
+        like = self.encoder.weight
+        self.head = (
+            nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
 
     # ------------------------------------------------------------------------------ forward
     def _forward_backbone(
         self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None, rate: float
     ) -> torch.Tensor:
         """Features ``(N, D, L)`` of the ``N = B`` (``2B`` for pairs) sequences."""
-        batch = x.shape[0] if isinstance(x, torch.Tensor) else 0
-        seqs = self._check_input(x)
-        mask = None
-        if lengths is not None:
-            flat = self._check_lengths(lengths, batch, seqs.shape[1]).to(seqs.device)
-            if self.pair_input:  # S4 stacks the documents on the batch axis: (z b), z = 2
-                flat = flat.view(batch, 2).t().reshape(-1)
-            positions = torch.arange(seqs.shape[1], device=seqs.device)
-            mask = (positions < flat[:, None]).unsqueeze(1)
-        if self.pair_input:
-            seqs = seqs.view(batch, 2, -1).transpose(0, 1).reshape(2 * batch, -1)
-        h = self.encoder(seqs).transpose(1, 2)  # (N, D, L)
-        if mask is not None:
-            mask = mask.to(h.dtype)
-            h = h * mask
+        seqs, mask = self.inputs(x, lengths)
+        h = apply_mask(self.encoder(seqs).transpose(1, 2), mask)  # (N, D, L)
         for block in self.blocks:
             h = block(h, mask, rate=rate)
         return self.norm(h)
@@ -288,21 +344,17 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
         self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None, rate: float = 1.0
     ) -> torch.Tensor:
         """Per-position features ``(B, L, D)`` (``(B, 2, L, D)`` for pairs); padded positions are not zeroed."""
-        h = self._forward_backbone(x, lengths, rate).transpose(1, 2)
-        if self.pair_input:
-            h = h.view(2, -1, *h.shape[1:]).transpose(0, 1)
-        return h
+        return self._unstack_pairs(self._forward_backbone(x, lengths, rate).transpose(1, 2))
+
+    def _unstack_pairs(self, h: torch.Tensor) -> torch.Tensor:
+        """``(2B, ...)`` rows of stacked documents back to ``(B, 2, ...)`` for pairs; others unchanged."""
+        return h.unflatten(0, (2, -1)).transpose(0, 1) if self.pair_input else h
 
     def forward_head(
         self, x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None, pre_logits: bool = False
     ) -> torch.Tensor:
         """Masked mean pooling of ``forward_features`` output, then the classifier."""
-        if lengths is None:
-            pooled = x.mean(dim=-2)
-        else:
-            lengths = torch.as_tensor(lengths, device=x.device)
-            valid = torch.arange(x.shape[-2], device=x.device) < lengths[..., None]  # (..., L)
-            pooled = (x * valid[..., None].to(x.dtype)).sum(dim=-2) / lengths[..., None].to(x.dtype)
+        pooled = masked_mean(x, lengths)
         if self.pair_input:
             x1, x2 = pooled.unbind(dim=1)
             pooled = torch.cat([x1, x2, x1 - x2, x1 * x2], dim=-1)
@@ -314,6 +366,59 @@ class MRConvSequenceModel(ReparameterizeMixin, nn.Module):
     ) -> torch.Tensor:
         """Logits ``(B, num_classes)``; see the class docstring for ``x``, ``lengths`` and ``rate``."""
         return self.forward_head(self.forward_features(x, lengths, rate), lengths)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        rate: float = 1.0,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the outputs of the blocks ``indices`` (None: all; an int: the last n).
+
+        ``output_fmt='NCHW'``: channels first, ``(B, D, L)``, or ``(B, D, H, W)`` for ``(B, C, H, W)`` images (the
+        row-major flattening undone, as ViT's intermediates); ``'NLC'``: ``(B, L, D)``. Pairs have ``(B, 2, ...)``.
+        ``norm``: the final norm applied to them. Returns them alone with ``intermediates_only``, else after the
+        output of :meth:`forward_features`.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        seqs, mask = self.inputs(x, lengths)
+        h = apply_mask(self.encoder(seqs).transpose(1, 2), mask)
+        grid = x.shape[-2:] if self.image_input and x.ndim == 4 else None
+        intermediates = []
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        for i, block in enumerate(blocks):
+            h = block(h, mask, rate=rate)
+            if i in take_indices:
+                y = self.norm(h) if norm else h
+                if output_fmt == "NLC":
+                    y = y.transpose(1, 2)
+                elif grid is not None:
+                    y = y.unflatten(-1, grid)
+                intermediates.append(self._unstack_pairs(y))
+        if intermediates_only:
+            return intermediates
+        return self._unstack_pairs(self.norm(h).transpose(1, 2)), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the head): timm's feature wrapper."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.pre_logits = nn.Identity()
+            self.reset_classifier(0)
+        return take_indices
 
 
 # ---------------------------------------------------------------------------------- configurations
@@ -404,7 +509,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MRConvSequenceModel)
 
 def _create_mrconv_sequence(variant: str, pretrained: bool = False, **kwargs) -> MRConvSequenceModel:
     unpublished = "MRConv sequence-model weights (the paper released none)"
-    return build_mrconv_model(MRConvSequenceModel, variant, pretrained, checkpoint_filter_fn, unpublished, **kwargs)
+    # features_only=True: every block's output, through forward_intermediates
+    feature_cfg = dict(out_indices=tuple(range(kwargs["depth"])), feature_cls="getter")
+    return build_mrconv_model(
+        MRConvSequenceModel, variant, pretrained, checkpoint_filter_fn, unpublished, feature_cfg=feature_cfg, **kwargs
+    )
 
 
 def _cfg(task: str, **kwargs) -> dict:

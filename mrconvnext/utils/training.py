@@ -62,6 +62,8 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils.imports import is_tensorboard_available
+from timm.layers import convert_sync_batchnorm
+from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 
 from ..data.common import DataFormatError
@@ -149,6 +151,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
     )
     group.add_argument(
         "--skip-nonfinite-loss", action="store_true", help="skip updates with a NaN/inf loss instead of stopping"
+    )
+    group.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="several processes: BatchNorm statistics of the global batch (SyncBatchNorm; MRConv's branch norms too)",
+    )
+    group.add_argument(
+        "--dist-bn",
+        default="reduce",
+        choices=("reduce", "broadcast", ""),
+        help="several processes, without --sync-bn: after each epoch and before each checkpoint the BatchNorm running "
+        "statistics become the processes' average ('reduce'), rank 0's ('broadcast') or stay per process ('')",
     )
 
 
@@ -461,6 +475,7 @@ class TrainingRun:
         self.state = TrainState()
         self.metrics_log: MetricsLog | None = None
         self.last_checkpoint: str | None = None  # the newest complete checkpoint of this run
+        self.averaged_modules: list[nn.Module] = []  # model EMAs given to restore(): --dist-bn covers them too
         self._resume_updates, self._resume_rng = 0, None
         self._eval_seconds, self._eval_history, self._epoch_walls = 0.0, [], []
         self._epoch_start = time.perf_counter()
@@ -535,8 +550,10 @@ class TrainingRun:
     def restore(self, *objects: Any) -> int:
         """Register ``objects`` (scheduler, EMA, ...) with the loop counters for checkpointing, load the resumed
         checkpoint if there is one (last: it restores the RNG states saved with it), falling back to older
-        complete checkpoints when it does not load on some process; returns the first epoch."""
+        complete checkpoints when it does not load on some process; returns the first epoch. The modules of
+        objects that hold one (timm's ``ModelEma*``: ``.module``) get ``--dist-bn`` with the model."""
         self.accelerator.register_for_checkpointing(self.state, *objects)
+        self.averaged_modules = [o.module for o in objects if isinstance(getattr(o, "module", None), nn.Module)]
         while self.checkpoint:
             error = self._load_state(self.checkpoint)
             if error is None:
@@ -653,6 +670,30 @@ class TrainingRun:
         saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
         return RunStopped(f"rank {self.accelerator.process_index}: {name}: stopped {where}; {saved}; exit status 0")
 
+    # ------------------------------------------------------------------------------------ BatchNorm across processes
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``--sync-bn`` with several processes: every BatchNorm computes the statistics of the global batch (timm's
+        ``convert_sync_batchnorm``, which converts MRConv's branch norms too). Call before ``accelerator.prepare``."""
+        if not self.args.sync_bn or self.accelerator.num_processes == 1:
+            return model
+        if self.accelerator.device.type == "cpu":
+            raise PreflightError(
+                "--sync-bn needs GPU processes: torch's DistributedDataParallel refuses SyncBatchNorm layers on the "
+                "CPU; drop it (--dist-bn reduce averages the running statistics instead)"
+            )
+        self.log("BatchNorm synchronised across processes (--sync-bn)")
+        return convert_sync_batchnorm(model)
+
+    def distribute_bn(self, model: nn.Module) -> None:
+        """``--dist-bn``: the BatchNorm running statistics of ``model`` and :attr:`averaged_modules` (its EMA) made
+        equal on every process (timm's ``distribute_bn``). Call after each training epoch, before evaluating and
+        saving; :meth:`train_one_epoch` calls it before each checkpoint within an epoch."""
+        if self.args.sync_bn or not self.args.dist_bn or self.accelerator.num_processes == 1:
+            return
+        for module in (model, *self.averaged_modules):
+            distribute_bn(module, self.accelerator.num_processes, reduce=self.args.dist_bn == "reduce")
+
     # ------------------------------------------------------------------------------------ loops
 
     def _epoch_loader(self, loader: Iterable, epoch: int, skip: int) -> Iterable:
@@ -765,6 +806,7 @@ class TrainingRun:
             every = args.checkpoint_every and num_updates % args.checkpoint_every == 0
             if stop or (every and updates < updates_per_epoch):
                 self.state.epoch_updates, self.state.epoch_sums = updates, meter.totals(accelerator)
+                self.distribute_bn(model)  # every process resumes with the statistics the checkpoint holds
                 saved = self._save_state(epoch, updates)
                 if stop:
                     raise self._stopped(saved, f"after update {updates} of epoch {epoch + 1}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .mrconv import MRConv, MRConv2d
 
@@ -318,6 +319,7 @@ def _inverse_real(adjoint: torch.Tensor, first: bool, last: bool) -> torch.Tenso
     return stacked.reshape(adjoint.shape[0], stacked.shape[1] * adjoint.shape[1], -1)
 
 
+@register_notrace_module  # a leaf of timm's FX traces: its length check branches on the input shape
 class LongConv(nn.Module):
     """A deploy-form MRConv at its planned length ``L`` in export-friendly ops.
 

@@ -123,10 +123,9 @@ class _BranchBatchNormConv(torch.autograd.Function):
                 var[i, block] = torch.linalg.vecdot(centred, centred).sum(0) / count  # two-pass, stable
             scale = alpha[:, block] * gamma[:, block] * torch.rsqrt(var[:, block] + eps)  # s_i
             shift = (alpha[:, block] * beta[:, block]).sum(0)  # sum_i s_i mu_i cancels against the centring
-            out = torch.addcmul(shift[:, None], branches[0, :, block], scale[0, :, None])
+            out = torch.addcmul(shift[:, None], branches[0, :, block], scale[0, :, None], out=y[:, block])
             for i in range(1, num_branches):
                 out.addcmul_(branches[i, :, block], scale[i, :, None])
-            y[:, block] = out
         ctx.mark_non_differentiable(mean, var)
         # u, not its spectrum (twice the memory): the backward recomputes one rfft per block
         ctx.save_for_backward(u, k_f, branches, var, gamma, beta, alpha)

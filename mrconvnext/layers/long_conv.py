@@ -31,7 +31,6 @@ import functools
 import itertools
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .deploy_form import fastest
 from .mrconv import MRConv, MRConv2d
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "Op",
     "calibrate",
     "dft_ops",
-    "fastest",
     "toeplitz_ops",
     "plan_long_conv",
     "torch_costs",
@@ -123,17 +122,6 @@ def calibrate(
     calls, small = 1024, 1024 * 64
     tiny = time_matmul((calls, 8, 8), (1, calls, 8, 8)) - fixed - costs.seconds([Op(8 * small, 0, small, 12.0 * small)])
     return RuntimeCosts(costs.mac_s, max(tiny / calls, 0.0), element_s)
-
-
-def fastest(fn: Callable[[], object], repeats: int = 7) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (the least disturbed by load)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @functools.cache

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.long_conv import LongConv, RuntimeCosts, calibrate, fastest
+from ..layers.deploy_form import fastest
+from ..layers.long_conv import LongConv, RuntimeCosts, calibrate
 from ..layers.mrconv import MRConv
 from ..models.mrconvnext import MRConvNeXt
 from ..models.sequence import MRConvSequenceModel

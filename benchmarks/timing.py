@@ -64,17 +64,28 @@ class Timings:
         return Ratio(statistics.median(ratios), min(ratios), max(ratios))
 
 
-def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> Timings:
-    """Time each function ``repeats`` times, round-robin, after ``warmup`` rounds."""
+def compare(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timings:
+    """Time each function ``repeats`` times, round-robin, after ``warmup`` rounds.
+
+    ``clock``: wall time by default; ``time.process_time`` counts only this process's CPU time, which on a
+    shared machine leaves out the time other processes hold the cores (CPU only; with several threads it
+    sums them, so compare only runs with the same thread count).
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_idx in range(warmup + repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
             if round_idx >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return Timings(times)
 
 

@@ -20,6 +20,7 @@ import torch
 
 import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext import MRConv, MRConv2d, fft_conv
+from mrconvnext.layers import deploy_form
 
 from .reference import branch_bn_autograd, direct_conv, randomize_, rel_err
 from .test_kernel_oracles import oracle_output
@@ -131,8 +132,10 @@ def test_half_precision_computes_in_float32(device, form):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seq_len", [49, 150])  # Toeplitz (CPU only) and FFT inference
-def test_deploy_inference_cache_matches_and_invalidates(device, seq_len):
+@pytest.mark.parametrize("seq_len", [49, 150])
+@pytest.mark.parametrize("toeplitz", [True, False])  # the form the first call's timing picks (the CPU only)
+def test_deploy_inference_cache_matches_and_invalidates(device, seq_len, toeplitz, monkeypatch):
+    monkeypatch.setattr(deploy_form, "toeplitz_is_faster", lambda u, *args: toeplitz and u.device.type == "cpu")
     torch.manual_seed(0)
     layer = MRConv(DIM, 150, 10, kernel_type="fourier_sparse")
     randomize_(layer)
@@ -148,8 +151,7 @@ def test_deploy_inference_cache_matches_and_invalidates(device, seq_len):
         assert rel_err(layer(x).cpu(), expected()) < 1e-12
         assert rel_err(layer(x).cpu(), expected()) < 1e-12  # served from the cache
         (kernel,) = [kernel for _, kernel in layer._deploy_cache.values()]
-        toeplitz = kernel.ndim == 3 and not kernel.is_complex()
-        assert toeplitz == (seq_len <= 128 and torch.device(device).type == "cpu")
+        assert (kernel.ndim == 3 and not kernel.is_complex()) == (toeplitz and torch.device(device).type == "cpu")
         layer.weight.mul_(-0.5)  # an in-place update (optimizer step) invalidates
         layer.bias.add_(1.0)
         assert rel_err(layer(x).cpu(), expected()) < 1e-12

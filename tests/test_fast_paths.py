@@ -1,11 +1,13 @@
 """Optimized paths (fused train step, cached/Toeplitz inference, ``branch_norm='scale'``) against plain references."""
 
 import copy
+import importlib
 
 import pytest
 import torch
 
 from mrconvnext import MRConv, MRConv2d
+from mrconvnext.layers import deploy_form
 from mrconvnext.layers.branch_norm import branch_bn_conv
 from mrconvnext.layers.fft_conv import (
     channel_chunk,
@@ -18,6 +20,8 @@ from mrconvnext.layers.fft_conv import (
 )
 
 from .reference import branch_bn_autograd, direct_conv, randomize_, rel_err
+
+fft_conv_module = importlib.import_module("mrconvnext.layers.fft_conv")  # the package exports the function fft_conv
 
 SEQ_LEN = 96
 KERNEL_SIZE = 6
@@ -195,21 +199,50 @@ def test_cached_path_keeps_mrconv2d_layout():
         assert rel_err(layer(x.bfloat16()).float(), ref) < 2e-2
 
 
-@pytest.mark.parametrize("size, batch", [(7, 3), (14, 100)])  # L = 49: Toeplitz path; L = 196: FFT path
-def test_channels_last_deploy_input_matches_direct_conv(size, batch):
+@pytest.mark.parametrize("size, batch, toeplitz", [(7, 3, True), (14, 100, False)])
+def test_channels_last_deploy_input_matches_direct_conv(size, batch, toeplitz, monkeypatch):
     """Channels-last maps (ConvNeXt's residual stream) are read in blocks of whole cache lines of
     channels (more channels than the cache-sized block) and copied for the Toeplitz batched matmul."""
+    monkeypatch.setattr(deploy_form, "toeplitz_is_faster", lambda *args: toeplitz)
+    monkeypatch.setattr(fft_conv_module, "cpu_cache", lambda: (1 << 20, 64))  # 1 MiB L2, 64-byte lines
     torch.manual_seed(0)
     layer = MRConv2d(40, size * size, 9, kernel_type="fourier_sparse").double().eval()
     randomize_(layer)
     layer.reparameterize()
     x = torch.randn(batch, 40, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     flat = x.reshape(batch, 40, -1)
-    if size == 14:  # the cache-sized block would hold 6 channels, a cache line holds 8 float64 ones
+    if size == 14:  # the cache-sized block would hold 3 channels, a cache line holds 8 float64 ones
         assert channel_chunk(flat, fft_length(196, 196, True)) == 8
     expected = direct_conv(flat, layer.weight.detach(), True) + layer.bias.detach()[:, None]
     with torch.no_grad():
         assert rel_err(layer(x).reshape(batch, 40, -1), expected) < 1e-12
+
+
+def test_deploy_form_is_chosen_by_timing_each_input_shape(monkeypatch):
+    """The first inference call of a shape times the Toeplitz and the FFT form and keeps the faster; matrices
+    beyond TOEPLITZ_MAX_BYTES and non-CPU inputs are not timed."""
+    timed = []
+
+    def fake_fastest(fn, repeats=7):  # the Toeplitz form runs first: it "takes" 1 s at L = 20, 3 s at L = 30
+        timed.append(fn)
+        return {20: 1.0, 30: 3.0}[shape[-1]] if len(timed) % 2 else 2.0
+
+    monkeypatch.setattr(deploy_form, "fastest", fake_fastest)
+    monkeypatch.setattr(deploy_form, "_FASTER", {})
+    weight, bias = torch.randn(2, 4, 30, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for shape, toeplitz in (((2, 4, 20), True), ((2, 4, 30), False), ((2, 4, 20), True)):
+        assert deploy_form.toeplitz_is_faster(torch.randn(shape, dtype=torch.float64), weight, bias, True) == toeplitz
+    assert len(timed) == 4  # the repeated shape is not timed again
+    monkeypatch.setattr(deploy_form, "TOEPLITZ_MAX_BYTES", 4 * 30 * 30 * 8 - 1)
+    assert not deploy_form.toeplitz_is_faster(torch.randn(2, 4, 30, dtype=torch.float64), weight, bias, False)
+    assert len(timed) == 4
+    layer = MRConv2d(4, 25, 5).double().eval()
+    layer.reparameterize()
+    monkeypatch.setattr(deploy_form, "fastest", lambda fn, repeats=7: fn() is None)  # runs both forms for real
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = direct_conv(x.flatten(2), layer.weight, True) + layer.bias[:, None]
+        assert rel_err(layer(x).flatten(2), expected) < 1e-12
 
 
 # ----------------------------------------------------------------------------- branch_norm='scale'

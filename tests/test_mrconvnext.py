@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -270,3 +276,84 @@ def test_timm_scripts_plan_the_model_for_their_data_size() -> None:
     assert resolve_input_data_config(model, {"img_size": 128})["input_size"] == (3, 128, 128)  # warns, not refuses
     with pytest.raises(ValueError, match="Conflicting input image sizes"):
         resolve_model_input_args("mrconvnext_atto", {"img_size": 96}, img_size=224)
+
+
+def _grad_layout_mismatches(model: torch.nn.Module, size: int, channels_last: bool) -> list[str]:
+    x = torch.randn(2, 3, size, size)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    return [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_have_their_parameters_strides(channels_last: bool) -> None:
+    """The layout DDP's gradient buckets expect: every gradient has its parameter's strides, also on size-1 dims.
+
+    With 2 threads oneDNN returns channels-last weight gradients for 1x1 convolutions of channels-last inputs (what
+    the conv_mlp blocks get from LayerNorm2d); ``.to(memory_format=torch.channels_last)`` must not restride the 4-D
+    MRConv kernels either. timm's convnext_atto shows the first (a test that it can fail) at the same size.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("mrconvnext_atto", img_size=64, num_classes=4)
+        assert _grad_layout_mismatches(model, 64, channels_last) == []
+        if not channels_last:
+            assert any(".mlp.fc" in n for n in _grad_layout_mismatches(timm.create_model("convnext_atto"), 64, False))
+    finally:
+        torch.set_num_threads(threads)
+
+
+DDP_RUN = r"""
+import json, os, sys, warnings
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import timm
+import mrconvnext  # noqa: F401
+
+def run(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(2)
+    found = {}
+    # torch warns once per process: the mrconvnext runs come first, convnext_atto (which warns) last
+    for name, channels_last in (("mrconvnext_atto", False), ("mrconvnext_atto", True), ("convnext_atto", False)):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=4, **({"img_size": 64} if name.startswith("mr") else {}))
+        x = torch.randn(2, 3, 64, 64)
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                with ddp.no_sync():  # gradient accumulation: the reducer meets gradients autograd accumulated
+                    ddp(x).sum().backward()
+                ddp(x).sum().backward()
+        found[f"{name} channels_last={channels_last}"] = [str(w.message) for w in caught if "Grad strides" in str(w.message)]
+    if rank == 0:
+        print(json.dumps(found))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(int(sys.argv[1]),), nprocs=2)
+"""
+
+
+def test_ddp_two_processes_copy_no_gradients(tmp_path) -> None:
+    """2 gloo processes: no "Grad strides do not match bucket view strides" for mrconvnext_atto (channels-first and
+    channels-last), while convnext_atto's 7x7 depthwise weights do trigger it in the same processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, str(script), str(port)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["mrconvnext_atto channels_last=False"] == [] and found["mrconvnext_atto channels_last=True"] == []
+    assert found["convnext_atto channels_last=False"], found

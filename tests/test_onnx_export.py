@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext import LongConv, MRConv, MRConv2d
 from mrconvnext.export import main as export_main
+from mrconvnext.layers.long_conv import RuntimeCosts, calibrate, dft_ops, plan_long_conv, toeplitz_ops
 from mrconvnext.utils.onnx import (
     example_inputs,
     export_form,
@@ -55,7 +57,7 @@ def randomize_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["toeplitz", "matmul", "dft"])
+@pytest.mark.parametrize("method", ["toeplitz", "matmul", "dft", "auto"])
 @pytest.mark.parametrize(
     ("seq_len", "kernel_len", "bidirectional"),
     [(49, 49, True), (100, 30, True), (137, 200, False), (7, 3, True), (1, 1, False)],
@@ -70,6 +72,76 @@ def test_long_conv_matches_direct_convolution(method, seq_len, kernel_len, bidir
     y = LongConv(kernel, bias, seq_len, bidirectional, method=method)(x)
     assert y.dtype == torch.float32
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "kernel_len", "bidirectional", "factors"),
+    [
+        (49, 49, True, (98,)),  # one step: the dense DFT
+        (49, 49, True, (25, 4)),  # input padded to 13 rows of 4
+        (100, 30, True, (13, 10)),  # odd first factor: no Nyquist row
+        (137, 200, False, (7, 5, 8)),
+        (196, 196, True, (7, 8, 7)),
+        (784, 784, True, (8, 7, 4, 7)),  # four steps
+        (50, 20, False, (3, 3, 3, 3)),
+        (7, 3, True, (16,)),
+    ],
+)
+def test_factored_dft_matches_direct_convolution(seq_len, kernel_len, bidirectional, factors):
+    """Every number of factored-DFT steps, with and without padding and Hermitian pairs, on a batch and an image."""
+    torch.manual_seed(seq_len)
+    dim = 6
+    kernel = torch.randn(2, dim, kernel_len) if bidirectional else torch.randn(dim, kernel_len)
+    bias = torch.randn(dim)
+    x = torch.randn(3, dim, seq_len)
+    ref = direct_conv(x, kernel, bias, bidirectional)
+    conv = LongConv(kernel, bias, seq_len, bidirectional, method="matmul", factors=factors)
+    assert conv.factors == factors and conv.n == math.prod(factors)
+    assert _max_rel(conv(x), ref) < 2e-6
+    height = 7 if seq_len % 7 == 0 else 1
+    image = LongConv(kernel, bias, seq_len, bidirectional, image=True, method="matmul", factors=factors)
+    y = image(x.reshape(3, dim, height, seq_len // height))
+    assert y.shape == (3, dim, height, seq_len // height) and _max_rel(y.reshape(3, dim, seq_len), ref) < 2e-6
+
+
+def _synthetic_costs(mac_s: float, call_s: float, element_s: float) -> RuntimeCosts:
+    return RuntimeCosts(mac_s, call_s, ((1e3, element_s), (1e9, element_s)))
+
+
+def test_cost_model_counts_and_choices():
+    """MACs of the forms against counts written out by hand; the plan follows the prices it is given."""
+    assert sum(op.macs for op in toeplitz_ops(49, 768, batch=8)) == 8 * 768 * 49**2
+    # one step, n = 98: forward (4 * 50 rows x 49 inputs) and inverse (49 x 200) per channel
+    assert sum(op.macs for op in dft_ops(49, 10, (98,))) == 2 * 200 * 49 * 10
+    # two steps, n = 98 = 14 x 7: first (2 * 8 rows x 7 input rows x 7 columns), second (8 prefixes x 28 x 14 x 1)
+    assert sum(op.macs for op in dft_ops(49, 10, (14, 7))) == 2 * (16 * 7 * 7 + 8 * 28 * 14) * 10
+    calls = sum(op.calls for op in dft_ops(3136, 96, (64, 14, 7), batch=2))
+    assert calls == 2 * (2 + 2 * 33 + 2 * 33 * 14)
+    macs_only = _synthetic_costs(1e-9, 0.0, 0.0)
+    calls_only = _synthetic_costs(0.0, 1.0, 0.0)
+    method, few_macs = plan_long_conv(3136, 96, 3136, 3135, "matmul", macs_only)
+    assert method == "matmul" and len(few_macs) > 2
+    assert plan_long_conv(3136, 96, 3136, 3135, "matmul", calls_only)[1] == (6272,)  # one step: the fewest GEMMs
+    assert plan_long_conv(49, 768, 49, 48, "auto", macs_only)[0] == "toeplitz"  # D L^2 < any DFT's MACs
+    assert plan_long_conv(49, 768, 49, 48, "auto", _synthetic_costs(0.0, 0.0, 1e-9))[0] == "matmul"
+
+
+def test_calibration_recovers_the_prices():
+    """calibrate() on probes timed by a known cost model returns that model's prices."""
+    truth = dict(fixed=2e-5, mac_s=3e-11, call_s=2e-7, element_s=4e-10)
+
+    def time_matmul(a, b):
+        calls = math.prod(a[:-2]) * math.prod(b[:-3]) if len(a) > 2 else b[0]
+        out = math.prod(b[:-2]) * a[-2] * b[-1]
+        return truth["fixed"] + out * a[-1] * truth["mac_s"] + calls * truth["call_s"] + out * truth["element_s"]
+
+    def time_mul(x, c):
+        return truth["fixed"] + math.prod(x) * truth["element_s"]
+
+    costs = calibrate(time_matmul, time_mul)
+    assert costs.mac_s == pytest.approx(truth["mac_s"], rel=1e-6)
+    assert costs.call_s == pytest.approx(truth["call_s"], rel=1e-3)
+    assert all(price == pytest.approx(truth["element_s"], rel=1e-6) for _, price in costs.element_s)
 
 
 @pytest.mark.parametrize("cls", [MRConv, MRConv2d])
@@ -97,8 +169,10 @@ def test_long_conv_errors():
         conv(torch.randn(1, 4, 32), rate=2)
     with pytest.raises(ValueError, match="unknown long-convolution method 'fft'"):
         LongConv.from_mrconv(layer, "fft")
-    with pytest.raises(ValueError, match="GiB of constants"):
+    with pytest.raises(ValueError, match="GiB per call"):
         LongConv(torch.zeros(2, 64, 8), torch.zeros(64), 4096, True, method="toeplitz")
+    with pytest.raises(ValueError, match="product of at least 63"):
+        LongConv(torch.zeros(2, 4, 32), torch.zeros(4), 32, True, method="matmul", factors=(4, 4))
     with pytest.raises(TypeError, match="MRConvNeXt and MRConvSequenceModel"):
         export_form(timm.create_model("convnext_atto"))
 
@@ -123,12 +197,9 @@ def test_onnx_mrconvnext_atto(tmp_path):
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert meta["img_size"] == [64, 64] and meta["form"] == "deploy"
     assert meta["inputs"] == {"images": {"shape": ["batch", 3, 64, 64], "dtype": "float32"}}
-    assert {(m["seq_len"], m["method"]) for m in meta["long_conv"]} == {
-        (256, "matmul"),
-        (64, "toeplitz"),
-        (16, "toeplitz"),
-        (4, "toeplitz"),
-    }
+    assert sorted({m["seq_len"] for m in meta["long_conv"]}) == [4, 16, 64, 256]
+    for layer in meta["long_conv"]:  # the form the cost model picked, and the DFT's factors
+        assert layer["method"] in ("matmul", "toeplitz") and bool(layer["factors"]) == (layer["method"] == "matmul")
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     model.reparameterize()
     for batch in (1, 4):

@@ -128,12 +128,14 @@ def _all_reduce(group: dist.ProcessGroup, *tensors: torch.Tensor) -> list[torch.
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
-def _combine(branches: torch.Tensor, var: torch.Tensor, gamma, beta, alpha, eps: float) -> torch.Tensor:
-    """``sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i`` of one channel block: ``branches`` ``(N, B, c, L)`` centred,
-    ``var`` and the parameters ``(N, c)``."""
+def _combine(
+    branches: torch.Tensor, var: torch.Tensor, gamma, beta, alpha, eps: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i`` of one channel block into ``out``: ``branches``
+    ``(N, B, c, L)`` centred, ``var`` and the parameters ``(N, c)``."""
     scale = alpha * gamma * torch.rsqrt(var + eps)  # s_i
     shift = (alpha * beta).sum(0)  # sum_i s_i mu_i cancels against the centring
-    out = torch.addcmul(shift[:, None], branches[0], scale[0, :, None])
+    torch.addcmul(shift[:, None], branches[0], scale[0, :, None], out=out)
     for i in range(1, branches.shape[0]):
         out.addcmul_(branches[i], scale[i, :, None])
     return out
@@ -173,16 +175,28 @@ class _BranchBatchNormConv(torch.autograd.Function):
                 var[i, block] = torch.linalg.vecdot(centred, centred).sum(0)  # two-pass, stable
             if group is None:  # one pass: the block's output while its branches are in cache
                 var[:, block] /= count
-                y[:, block] = _combine(
-                    branches[:, :, block], var[:, block], gamma[:, block], beta[:, block], alpha[:, block], eps
+                _combine(
+                    branches[:, :, block],
+                    var[:, block],
+                    gamma[:, block],
+                    beta[:, block],
+                    alpha[:, block],
+                    eps,
+                    out=y[:, block],
                 )
         if group is not None:
             (var,) = _all_reduce(group, var)
             var /= count
             for start in range(0, dim, step):
                 block = slice(start, start + step)
-                y[:, block] = _combine(
-                    branches[:, :, block], var[:, block], gamma[:, block], beta[:, block], alpha[:, block], eps
+                _combine(
+                    branches[:, :, block],
+                    var[:, block],
+                    gamma[:, block],
+                    beta[:, block],
+                    alpha[:, block],
+                    eps,
+                    out=y[:, block],
                 )
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)

@@ -6,7 +6,9 @@ With gradients (fine-tuning a deployed layer) the kernel goes through the differ
 :func:`~mrconvnext.layers.fft_conv.conv_buffer`. For inference the kernel is fixed, so its spectrum is
 cached per layer, keyed by sequence length, device and dtype and checked against the parameters'
 version counters and storage (in-place updates, ``load_state_dict`` and moves invalidate it); the
-bias rides in the FFT's DC bin. On the CPU, short sequences use the dense Toeplitz matrix instead.
+bias rides in the FFT's DC bin. On the CPU a layer whose Toeplitz matrices ``(D, L, L)`` stay small may use them
+instead (one batched matmul): the first call of each input shape times both forms on that input and keeps the
+faster for the rest of the process (:func:`toeplitz_is_faster`), so the choice follows the machine it runs on.
 
 While ``torch.export`` traces (also the dynamo-based ONNX exporter, timm's ``onnx_export(..., use_dynamo=True)``)
 MRConv takes :func:`export_conv` instead: the same convolution in ops both take, with no Python-side cache,
@@ -14,6 +16,9 @@ channel blocks or in-place spectrum updates.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -27,12 +32,61 @@ from .fft_conv import (
     toeplitz_kernel,
 )
 
-__all__ = ["deploy_conv", "export_conv", "power_of_two_length", "spectral_conv"]
+__all__ = [
+    "TOEPLITZ_MAX_BYTES",
+    "deploy_conv",
+    "export_conv",
+    "fastest",
+    "power_of_two_length",
+    "spectral_conv",
+    "toeplitz_is_faster",
+]
 
-# On the CPU, sequences up to this length use a dense Toeplitz matmul for inference: at L = 49 it was
-# 2.7x faster than rfft + mul + irfft (1 CPU thread), at L = 196 1.3x slower.
-EAGER_TOEPLITZ_MAX_LEN = 128
+TOEPLITZ_MAX_BYTES = 1 << 26  # a layer's cached Toeplitz matrices: a memory bound, beyond it the FFT is used
 _CACHE_SIZE = 8
+_FASTER: dict[tuple, bool] = {}  # input shape, kernel length, dtype, threads -> whether the Toeplitz form won
+
+
+def fastest(fn: Callable[[], object], repeats: int = 7) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (the least disturbed by load)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def toeplitz_is_faster(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool) -> bool:
+    """Whether the Toeplitz form beat the FFT when timed on the first input of this shape (CPU inference only).
+
+    False (the FFT form) while ``torch.compile`` traces (a Python-side record would change its guards), on other
+    devices and where the matrices would exceed :data:`TOEPLITZ_MAX_BYTES`.
+    """
+    batch, dim, seq_len = u.shape
+    too_large = dim * seq_len**2 * u.element_size() > TOEPLITZ_MAX_BYTES
+    if u.device.type != "cpu" or too_large or torch.compiler.is_compiling():
+        return False
+    key = (tuple(u.shape), weight.shape[-1], bidirectional, u.dtype, torch.get_num_threads())
+    if key not in _FASTER:
+        fixed, shift = weight.detach().to(u.dtype), bias.detach().to(u.dtype)
+        n = fft_length(seq_len, weight.shape[-1], bidirectional)
+        toeplitz, spectrum = (
+            toeplitz_kernel(fixed, seq_len, bidirectional),
+            kernel_spectrum(fixed, seq_len, n, bidirectional),
+        )
+        with torch.no_grad():
+            direct = fastest(lambda: _toeplitz_conv(u, toeplitz, shift), repeats=2)
+            fft = fastest(lambda: fft_conv_spectrum(u, spectrum, n, shift), repeats=2)
+        _FASTER[key] = direct < fft
+    return _FASTER[key]
+
+
+def _toeplitz_conv(u: torch.Tensor, toeplitz: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    # baddbmm over (D, B, L) needs unit-stride rows: with channels-last input it falls back to one matmul per channel
+    rows = u if u.stride(-1) == 1 else u.contiguous()
+    return torch.baddbmm(shift[:, None, None], rows.transpose(0, 1), toeplitz).transpose(0, 1)
 
 
 def deploy_conv(
@@ -56,7 +110,7 @@ def _cached_inference(
     u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool, cache: dict
 ) -> torch.Tensor:
     seq_len = u.shape[-1]
-    direct = seq_len <= EAGER_TOEPLITZ_MAX_LEN and u.device.type == "cpu"
+    direct = toeplitz_is_faster(u, weight, bias, bidirectional)
     n = fft_length(seq_len, weight.shape[-1], bidirectional)
     # under torch.compile the kernel is computed in the graph (a Python-side cache would invalidate the
     # compiled guards on every call); inference tensors have no version counter; meta tensors no storage
@@ -80,9 +134,7 @@ def _cached_inference(
     kernel = cached[1]
     shift = bias.detach().to(u.dtype)
     if direct:
-        # baddbmm over (D, B, L) needs unit-stride rows: with channels-last input it falls back to one matmul per channel
-        rows = u if u.stride(-1) == 1 else u.contiguous()
-        return torch.baddbmm(shift[:, None, None], rows.transpose(0, 1), kernel).transpose(0, 1)
+        return _toeplitz_conv(u, kernel, shift)
     return fft_conv_spectrum(u, kernel, n, shift)
 
 

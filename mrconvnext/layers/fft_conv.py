@@ -22,7 +22,7 @@ Kernels are embedded in real circular buffers of length ``n`` (:func:`kernel_buf
 ``K = rfft(kb)``, :func:`conv_buffer` computes ``y = irfft(U K)[:L] + b`` with a hand-written
 backward: ``du = irfft(DY conj(K))[:L]``, ``dkb = irfft(sum_b conj(U_b) DY_b)`` (one FFT of ``dy``,
 one inverse, one small inverse). Every op is independent per channel, so on the CPU the loops
-walk over blocks of channels whose spectra fit in the L2 cache (:func:`channel_chunk`) and pad
+walk over blocks of channels whose spectra fit in the L2 cache the OS reports (:func:`channel_chunk`) and pad
 through one staging buffer (:class:`PaddedRfft`). :func:`toeplitz_kernel` and
 :func:`fft_conv_spectrum` serve a fixed kernel from a cached matrix or spectrum. Half-precision
 inputs are computed in float32 (:func:`full_precision`).
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -49,12 +50,29 @@ __all__ = [
     "toeplitz_kernel",
     "next_fast_length",
     "channel_chunk",
+    "cpu_cache",
     "PaddedRfft",
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_CHUNK_BYTES = 1 << 21  # one chunk's real rows (B, chunk, n) in float32: about the L2 cache of one core
-_CACHE_LINE_BYTES = 64
+_CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+_UNREPORTED_CACHE = (1 << 20, 64)  # L2 bytes and line bytes where the OS reports none
+
+
+@functools.cache
+def cpu_cache() -> tuple[int, int]:
+    """``(bytes, line bytes)`` of one core's L2 cache as the OS reports it (Linux sysfs); 1 MiB and 64 B if it does
+    not. The CPU loops size their channel blocks from it."""
+    try:
+        for index in sorted(_CACHE_DIR.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                line = int((index / "coherency_line_size").read_text())
+                return int(size.rstrip("KM")) * scale, line
+    except (OSError, ValueError):
+        pass
+    return _UNREPORTED_CACHE
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -175,7 +193,7 @@ def kernel_buffers(kernels: list[torch.Tensor], seq_len: int, n: int, bidirectio
 
 
 def channel_chunk(x: torch.Tensor, n: int) -> int:
-    """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values take about ``_CHUNK_BYTES``.
+    """Channels per block of ``x`` ``(B, D, L)`` so that ``B * chunk * n`` real values fill about one L2 cache.
 
     With channels adjacent in memory (a channels-last map flattened by ``MRConv2d``) a block
     spans at least one cache line of channels, or every block would pull in whole lines to use
@@ -184,9 +202,10 @@ def channel_chunk(x: torch.Tensor, n: int) -> int:
     batch, dim = x.shape[0], x.shape[1]
     if x.device.type != "cpu":
         return dim
-    chunk = _CHUNK_BYTES // max(1, batch * n * x.element_size())
+    cache_bytes, line_bytes = cpu_cache()
+    chunk = cache_bytes // max(1, batch * n * x.element_size())
     if x.stride(1) == 1 and dim > 1:
-        chunk = max(chunk, _CACHE_LINE_BYTES // x.element_size())
+        chunk = max(chunk, line_bytes // x.element_size())
     return max(1, min(dim, chunk))
 
 

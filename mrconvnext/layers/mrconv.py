@@ -35,6 +35,7 @@ __all__ = [
     "mrconv_form",
     "train_form_twins",
     "fold_train_form",
+    "default_strides",
     "COMBINE_MODES",
     "BRANCH_NORMS",
 ]
@@ -93,6 +94,14 @@ def fold_train_form(state_dict: dict[str, torch.Tensor], twins: dict[str, MRConv
         layer.load_state_dict({k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)})
         state_dict[prefix + "weight"], state_dict[prefix + "bias"] = layer.merged_kernel()
     return state_dict
+
+
+def default_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides of a contiguous tensor, also on its size-1 dims (``is_contiguous()`` ignores
+    those, DDP's gradient buckets do not): a copy only where they differ."""
+    if tensor.stride() == torch.empty(tensor.shape, device="meta").stride():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 @register_notrace_module  # a leaf of timm's FX traces: input checks and the form dispatch branch on shapes
@@ -252,7 +261,9 @@ class MRConv(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def _apply(self, fn, recurse=True):
         self._deploy_cache.clear()  # moved or cast: the cached kernels are rebuilt on the new device and dtype
-        return super()._apply(fn, recurse)
+        # kernels are not images: .to(memory_format=torch.channels_last) must not restride the 4-D ones, or their
+        # (contiguous) gradients no longer match the parameters' layout (DDP then warns and copies them)
+        return super()._apply(lambda t: default_strides(fn(t)), recurse)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_deploy_cache": {}}  # copies and pickles start without the cache

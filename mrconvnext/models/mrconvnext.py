@@ -30,17 +30,19 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple, to_ntuple
+from timm.layers import register_notrace_module, to_2tuple, to_ntuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models._helpers import clean_state_dict
 from timm.models.convnext import ConvNeXt
 
-from ..layers.mrconv import MRConv2d, fold_train_form, mrconv_form, train_form_twins
+from ..layers.mrconv import MRConv2d, default_strides, fold_train_form, mrconv_form, train_form_twins
 from ._builder import ReparameterizeMixin, build_mrconv_model, select_state_dict
 from .convnext_conversion import convert_convnext, is_convnext_state_dict
 
-__all__ = ["MRConvNeXt", "check_planned_size", "checkpoint_filter_fn"]
+__all__ = ["MRConvNeXt", "PointwiseConv2d", "check_planned_size", "checkpoint_filter_fn"]
 
 
 def check_planned_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
@@ -64,6 +66,35 @@ def check_planned_size(x: torch.Tensor, img_size: tuple[int, int]) -> torch.Tens
 
 
 torch.fx.wrap("check_planned_size")
+
+
+@register_notrace_module  # a leaf of timm's FX traces: the path depends on the input's strides
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters, same state dict) that runs a channels-last input as one ``F.linear``.
+
+    The ``conv_mlp`` blocks (atto, nano) get channels-last views from timm's ``LayerNorm2d``; with more than one
+    thread, oneDNN's 1x1 convolution of such an input returns the weight gradient with channels-last strides,
+    unlike the contiguous weight, so DDP's gradient buckets warn ("Grad strides do not match bucket view
+    strides") and copy it every step. Through ``F.linear`` on the ``(B, H, W, C)`` view the weight gradient comes
+    from a contiguous view of the weight: the parameter's own layout, which ``.to(memory_format=...)`` leaves
+    contiguous (a 1x1 weight has the same memory in both layouts). Other inputs take ``nn.Conv2d``'s path.
+    """
+
+    @classmethod
+    def sharing(cls, conv: nn.Conv2d) -> PointwiseConv2d:
+        """A :class:`PointwiseConv2d` holding ``conv``'s own weight and bias."""
+        pointwise = cls(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, device="meta")
+        pointwise.weight, pointwise.bias = conv.weight, conv.bias
+        return pointwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 3, 1)
+        if not rows.is_contiguous():
+            return super().forward(x)
+        return F.linear(rows, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(lambda t: default_strides(fn(t)), recurse)
 
 
 class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
@@ -116,6 +147,10 @@ class MRConvNeXt(ReparameterizeMixin, ConvNeXt):
                     block.conv_dw = MRConv2d(**cfg, deploy=deploy)
                 if dtype is not None:
                     block.conv_dw.to(dtype=dtype)
+                if block.use_conv_mlp:
+                    block.mlp.fc1, block.mlp.fc2 = (
+                        PointwiseConv2d.sharing(fc) for fc in (block.mlp.fc1, block.mlp.fc2)
+                    )
         self.register_load_state_dict_pre_hook(_check_planned_size)
 
     def plan(self, img_size: tuple[int, int]) -> list[dict[str, Any]]:

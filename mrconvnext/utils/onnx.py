@@ -9,15 +9,18 @@ written into the ONNX metadata.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.long_conv import LongConv
+from ..layers.deploy_form import fastest
+from ..layers.long_conv import LongConv, RuntimeCosts, calibrate
 from ..layers.mrconv import MRConv
 from ..models.mrconvnext import MRConvNeXt
 from ..models.sequence import MRConvSequenceModel
@@ -29,6 +32,7 @@ __all__ = [
     "export_onnx",
     "torch_export",
     "onnx_parity",
+    "onnxruntime_costs",
     "planned_input",
 ]
 
@@ -75,17 +79,18 @@ def _check_exportable(model: nn.Module) -> None:
         )
 
 
-def export_form(model: nn.Module, method: str = "auto") -> nn.Module:
+def export_form(model: nn.Module, method: str = "auto", costs: RuntimeCosts | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` with every MRConv swapped for a :class:`LongConv`.
 
     Takes the deploy form or the train form (folded the way its eval mode computes, Eqs. 8, 13, 18).
-    Sequence models are wrapped so that ``forward(x, lengths=None)`` has no host-side checks.
+    Sequence models are wrapped so that ``forward(x, lengths=None)`` has no host-side checks. ``costs`` price
+    the long-convolution forms (see :mod:`~mrconvnext.layers.long_conv`; default: measured in eager PyTorch).
     """
     _check_exportable(model)
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, MRConv):
-            model.set_submodule(name, LongConv.from_mrconv(module, method))
+            model.set_submodule(name, LongConv.from_mrconv(module, method, costs))
     return _SequenceGraph(model).eval() if isinstance(model, MRConvSequenceModel) else model
 
 
@@ -151,17 +156,54 @@ def _onnx_program(graph: nn.Module, args: tuple[torch.Tensor, ...], input_names:
     )
 
 
+def _session(proto_bytes: bytes, threads: int | None):
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(proto_bytes, options, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def onnxruntime_costs(threads: int | None = None) -> RuntimeCosts:
+    """The long-convolution cost model's prices measured in onnxruntime (CPU, ``threads`` intra-op threads;
+    None: onnxruntime's default), from one-node graphs (:func:`~mrconvnext.layers.long_conv.calibrate`)."""
+    onnx = _require("onnx")
+    helper = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def time_node(op: str, constant: tuple[int, ...], shape: tuple[int, ...], out: tuple[int, ...]) -> float:
+        value = onnx.numpy_helper.from_array(rng.standard_normal(constant).astype(np.float32), "c")
+        inputs = ["c", "x"] if op == "MatMul" else ["x", "c"]
+        graph = helper.make_graph(
+            [helper.make_node(op, inputs, ["y"])],
+            op,
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(out))],
+            [value],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        session = _session(proto.SerializeToString(), threads)
+        feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+        return fastest(lambda: session.run(None, feed))
+
+    def time_matmul(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+        return time_node("MatMul", a, b, (*b[:-2], a[-2], b[-1]))
+
+    def time_mul(x: tuple[int, ...], c: tuple[int, ...]) -> float:
+        return time_node("Mul", c, x, x)
+
+    return calibrate(time_matmul, time_mul)
+
+
 def onnx_parity(path: str | Path, model: nn.Module, lengths: bool, batch: int = 3, threads: int = 1) -> float:
     """Max relative error ``max |y_ort - y_torch| / max |y_torch|`` of logits on random inputs of the planned size.
 
     The reference is ``model`` itself in eager PyTorch (eval mode, float32), on the same inputs.
     """
-    ort = _require("onnxruntime")
-
     args = example_inputs(model, batch=batch, lengths=lengths, seed=1)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _session(Path(path).read_bytes(), threads)
     names = [i.name for i in session.get_inputs()]
     out = session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})[0]
     with torch.no_grad():
@@ -186,6 +228,7 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     verify: bool = True,
     tolerance: float = 1e-4,
+    costs: RuntimeCosts | None = None,
 ) -> tuple[Path, float | None]:
     """Write ``model`` (deploy or eval train form) as ONNX to ``output`` (a ``.onnx`` file), atomically.
 
@@ -193,7 +236,8 @@ def export_onnx(
     Metadata (``onnx.ModelProto.metadata_props``, JSON strings): the planned size (``img_size`` or
     ``seq_len``), the inputs and output, the long-convolution form per layer, the pretrained cfg and
     ``metadata``'s entries. With ``verify`` the written graph runs in onnxruntime against ``model``
-    in eager PyTorch (:func:`onnx_parity`); nothing is written if the error exceeds ``tolerance``.
+    in eager PyTorch (:func:`onnx_parity`); nothing is written if the error exceeds ``tolerance``. ``costs``
+    price the long-convolution forms (default: :func:`onnxruntime_costs` with onnxruntime's default threads).
     Returns the path and the error (None without ``verify``).
     """
     onnx = _require("onnx")
@@ -205,7 +249,7 @@ def export_onnx(
         raise ValueError(f"{type(model).__name__} takes no padding lengths")
     planned = planned_input(model)
     input_names = list(planned["inputs"]) + (["lengths"] if lengths else [])
-    graph = export_form(model, method)
+    graph = export_form(model, method, costs or (onnxruntime_costs() if method in ("auto", "matmul") else None))
     program = _onnx_program(graph, example_inputs(model, lengths=lengths), input_names)
     proto = program.model_proto
     inputs = {name: dict(shape=["batch", *shape], dtype=dtype) for name, (shape, dtype) in planned["inputs"].items()}
@@ -217,7 +261,7 @@ def export_onnx(
         inputs=inputs,
         outputs={"logits": dict(shape=["batch", model.num_classes])},
         long_conv=[
-            dict(layer=name, seq_len=m.seq_len, method=m.method)
+            dict(layer=name, seq_len=m.seq_len, method=m.method, factors=list(m.factors))
             for name, m in graph.named_modules()
             if isinstance(m, LongConv)
         ],

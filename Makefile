@@ -12,7 +12,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 	@$(MAKE) --no-print-directory cpu-torch PY=$(PY)
 
-# torch for a machine without a visible NVIDIA GPU (Linux): CPU-only wheels if TORCH_CPU_INDEX serves them
+# torch for a machine without a visible NVIDIA GPU (Linux): CPU-only wheels if TORCH_CPU_INDEX serves a torch and a
+# torchvision that import together (pip's find-links can pair a local CPU torch with a torchvision built for another)
 cpu-torch:
 	@if [ "$$(uname -s)" != Linux ]; then \
 		echo "torch from PyPI (its wheels for $$(uname -s) have no CUDA libraries)"; \
@@ -23,9 +24,10 @@ cpu-torch:
 	else \
 		echo "no NVIDIA GPU visible: trying CPU-only torch from $(TORCH_CPU_INDEX)"; \
 		if $(PY) -m pip install -q --timeout 30 --retries 1 --index-url $(TORCH_CPU_INDEX) torch torchvision \
-			&& $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+			&& $(PY) -c "import sys, torch, torchvision; sys.exit(torch.version.cuda is not None)"; then \
 			echo "torch $$($(PY) -c 'import torch; print(torch.__version__)'): CPU-only"; \
 		else \
+			$(PY) -m pip uninstall -q -y torch torchvision 2>/dev/null; \
 			echo "$(TORCH_CPU_INDEX) could not be used; pip installs torch from PyPI (with CUDA libraries) instead"; \
 		fi; \
 	fi

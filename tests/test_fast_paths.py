@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mrconvnext import MRConv, MRConv2d
 from mrconvnext.layers import deploy_form
@@ -235,6 +236,9 @@ def test_deploy_form_is_chosen_by_timing_each_input_shape(monkeypatch):
     assert len(timed) == 4  # the repeated shape is not timed again
     monkeypatch.setattr(deploy_form, "TOEPLITZ_MAX_BYTES", 4 * 30 * 30 * 8 - 1)
     assert not deploy_form.toeplitz_is_faster(torch.randn(2, 4, 30, dtype=torch.float64), weight, bias, False)
+    assert len(timed) == 4
+    with FlopCounterMode(display=False):  # counted ops are the FFT form's on every machine, nothing timed
+        assert not deploy_form.toeplitz_is_faster(torch.randn(2, 4, 25, dtype=torch.float64), weight, bias, True)
     assert len(timed) == 4
     layer = MRConv2d(4, 25, 5).double().eval()
     layer.reparameterize()

@@ -248,3 +248,37 @@ def test_makefile_prefers_cpu_torch_without_a_gpu_and_falls_back(tmp_path) -> No
     gpu = _run(make, env=_fake_nvidia_smi(tmp_path / "gpu", 0), timeout=300)
     assert gpu.returncode == 0, gpu.stdout + gpu.stderr
     assert "torch from PyPI" in gpu.stdout and unreachable not in gpu.stdout
+
+
+def _wheel(folder: Path, name: str, init: str) -> None:
+    """A pure-Python wheel of ``name`` 99.0 whose package runs ``init`` on import, in a PEP 503 index ``folder``."""
+    tag = f"{name}-99.0"
+    files = {
+        f"{name}/__init__.py": init,
+        f"{tag}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 99.0\n",
+        f"{tag}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{tag}.dist-info/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{tag}.dist-info/RECORD"])
+    (folder / name).mkdir(parents=True)
+    with zipfile.ZipFile(folder / name / f"{tag}-py3-none-any.whl", "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    (folder / name / "index.html").write_text(f'<a href="{tag}-py3-none-any.whl">{tag}-py3-none-any.whl</a>\n')
+
+
+def test_makefile_rejects_a_cpu_torch_whose_torchvision_does_not_import(tmp_path) -> None:
+    """An index that pairs a CPU torch with a torchvision built for another torch (as pip's find-links did on CI:
+    ``operator torchvision::nms does not exist``) is not a usable CPU torch: both are removed and PyPI's are used."""
+    if shutil.which("make") is None or not sys.platform.startswith("linux"):
+        pytest.skip("the CPU-only index is tried on Linux with make")
+    index = tmp_path / "simple"
+    _wheel(index, "torch", "__version__ = '99.0+cpu'\nclass version:\n    cuda = None\n")
+    _wheel(index, "torchvision", "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
+    make = ["make", "--no-print-directory", "-C", str(ROOT), "cpu-torch", f"PY={venv / 'bin' / 'python'}"]
+    result = _run([*make, f"TORCH_CPU_INDEX={index.as_uri()}"], env=_fake_nvidia_smi(tmp_path / "no_gpu", 1))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{index.as_uri()} could not be used; pip installs torch from PyPI" in result.stdout
+    assert "CPU-only" not in result.stdout.replace("trying CPU-only", "")
+    assert _run([str(venv / "bin" / "python"), "-c", "import torch"]).returncode != 0  # nothing half-installed

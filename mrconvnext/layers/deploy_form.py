@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .fft_conv import (
     conv_buffer,
@@ -61,12 +62,15 @@ def fastest(fn: Callable[[], object], repeats: int = 7) -> float:
 def toeplitz_is_faster(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bidirectional: bool) -> bool:
     """Whether the Toeplitz form beat the FFT when timed on the first input of this shape (CPU inference only).
 
-    False (the FFT form) while ``torch.compile`` traces (a Python-side record would change its guards), on other
-    devices and where the matrices would exceed :data:`TOEPLITZ_MAX_BYTES`.
+    False (the FFT form) while ``torch.compile`` traces (a Python-side record would change its guards), while a
+    dispatch mode such as ``FlopCounterMode`` watches the ops (its timings are the mode's, and what it counts
+    stays the same on every machine), on other devices and where the matrices would exceed
+    :data:`TOEPLITZ_MAX_BYTES`.
     """
     batch, dim, seq_len = u.shape
     too_large = dim * seq_len**2 * u.element_size() > TOEPLITZ_MAX_BYTES
-    if u.device.type != "cpu" or too_large or torch.compiler.is_compiling():
+    watched = _get_current_dispatch_mode() is not None
+    if u.device.type != "cpu" or too_large or watched or torch.compiler.is_compiling():
         return False
     key = (tuple(u.shape), weight.shape[-1], bidirectional, u.dtype, torch.get_num_threads())
     if key not in _FASTER:

@@ -9,9 +9,10 @@
 Method (``benchmarks/timing.py``): every comparison runs its candidates round-robin in this process
 after warm-up runs; the table shows the median time of each side and, as the ratio, the median over
 rounds of each round's candidate / baseline ratio (``--cpu-time``: this process's CPU time instead of wall time).
-onnxruntime sessions (target 6) use as many intra-op threads as torch. Peak training memory is measured per model
-in a fresh subprocess on the CPU. Target 3 (and 6) also print the floor table: each layer shape against a plain
-rfft + irfft of its input, with the MACs and times of the ONNX forms.
+onnxruntime sessions (target 6) use as many intra-op threads as torch, without spinning between runs; whole models
+are compared within one runtime at a time. Peak training memory is measured per model in a fresh subprocess on the
+CPU. Target 3 (and 6) also print the floor table: each layer shape against an rfft + irfft of its input (plain, and
+over cache-sized channel blocks), with the MACs and times of the ONNX forms.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from mrconvnext import MRConv, MRConv2d, fft_length
 from mrconvnext.layers import LongConv
+from mrconvnext.layers.fft_conv import PaddedRfft, channel_chunk
 from mrconvnext.layers.long_conv import dft_ops
 from mrconvnext.utils.onnx import export_onnx, onnxruntime_costs
 
@@ -244,15 +246,35 @@ def layer_shapes(args) -> list[LayerShape]:
 
 
 def fft_pair(x: torch.Tensor, n: int) -> Callable[[], torch.Tensor]:
-    return lambda: torch.fft.irfft(torch.fft.rfft(x, n=n), n=n)
+    """A plain ``irfft(rfft(x, n), n)`` of the whole ``(B, D, L)`` input, contiguous."""
+    rows = x.contiguous()
+    return lambda: torch.fft.irfft(torch.fft.rfft(rows, n=n), n=n)
+
+
+def blocked_fft_pair(x: torch.Tensor, n: int) -> Callable[[], None]:
+    """The same pair over cache-sized blocks of channels of a contiguous input (as the layer loops), with nothing
+    else: no kernel product, no layout change, no bias. For long sequences it beats the plain pair, whose padded
+    copies and spectra of the whole tensor spill out of the caches."""
+    rows = x.contiguous()
+    step = channel_chunk(rows, n)
+    rfft = PaddedRfft(rows, rows.shape[0], step, n)
+
+    def run() -> None:
+        for start in range(0, rows.shape[1], step):
+            torch.fft.irfft(rfft(rows[:, start : start + step]), n=n)
+
+    return run
 
 
 @dataclass
 class Floor:
-    """One shape's floor (a plain rfft + irfft of the whole input, eager) and what each form measures against it."""
+    """One shape's floor (the faster of a plain and a blocked rfft + irfft of its input, eager) and what each form
+    measures against it."""
 
     shape: LayerShape
     n: int
+    plain_ms: float
+    blocked_ms: float
     fft_ms: float
     eager_ms: float
     eager: Ratio
@@ -272,7 +294,11 @@ def bench_floors(args, device, targets) -> tuple[list[Row], list[Floor]]:
         layer, x = shape.layer(device), shape.input(device)
         n = fft_length(shape.seq_len, shape.kernel_len, shape.bidirectional)
         flat = x.reshape(shape.batch, shape.dim, shape.seq_len)
-        fns = {"fft": fft_pair(flat, n), "eager": lambda layer=layer, x=x: layer(x)}
+        fns = {
+            "plain": fft_pair(flat, n),
+            "blocked": blocked_fft_pair(flat, n),
+            "eager": lambda layer=layer, x=x: layer(x),
+        }
         floor_macs = {}
         auto = ""
         if onnx:
@@ -293,14 +319,16 @@ def bench_floors(args, device, targets) -> tuple[list[Row], list[Floor]]:
         else:
             with torch.no_grad():
                 t = compare(fns, args.repeats, 2, device, args.clock)
-        floor = Floor(shape, n, t["fft"] * 1e3, t["eager"] * 1e3, t.ratio("eager", "fft"), macs=floor_macs, auto=auto)
-        for form in fns.keys() - {"fft", "eager"}:
+        fft = min(("plain", "blocked"), key=t.__getitem__)
+        floor = Floor(shape, n, t["plain"] * 1e3, t["blocked"] * 1e3, t[fft] * 1e3, t["eager"] * 1e3,
+                      t.ratio("eager", fft), macs=floor_macs, auto=auto)  # fmt: skip
+        for form in fns.keys() - {"plain", "blocked", "eager"}:
             floor.onnx_ms[form] = t[form] * 1e3
-            floor.onnx[form] = t.ratio(form, "fft")
+            floor.onnx[form] = t.ratio(form, fft)
         floors.append(floor)
         what = f"deploy layer {shape.name} B={shape.batch} D={shape.dim} L={shape.seq_len}"
         rows.append(
-            Row("3", what, f"rfft+irfft n={n}", floor.fft_ms, "MRConv deploy fwd", floor.eager_ms, "ms", "<= 1.2",
+            Row("3", what, f"rfft+irfft n={n} ({fft})", floor.fft_ms, "MRConv deploy fwd", floor.eager_ms, "ms", "<= 1.2",
                 floor.eager)
         )  # fmt: skip
     return rows, floors
@@ -309,8 +337,10 @@ def bench_floors(args, device, targets) -> tuple[list[Row], list[Floor]]:
 def print_floors(floors: list[Floor]) -> None:
     """The floor of every layer shape and which forms come within 1.2x of it."""
     onnx = any(f.onnx for f in floors)
-    print("\n### Floors: each layer against a plain rfft + irfft of its input (eager PyTorch, same rounds)\n")
-    header = ["shape", "B", "D", "L", "FFT n", "rfft+irfft ms", "eager deploy ms (x floor)"]
+    print("\n### Floors: each layer against an rfft + irfft of its input (eager PyTorch, same rounds)\n")
+    print("floor = the faster of a plain rfft + irfft of the whole contiguous input and the same pair over")
+    print("cache-sized channel blocks; every form's time is also given as a multiple of the floor (x floor)\n")
+    header = ["shape", "B", "D", "L", "FFT n", "plain rfft+irfft ms", "blocked ms", "eager deploy ms (x floor)"]
     if onnx:
         header += ["MACs/sample Toeplitz", "MACs/sample factored DFT", "ONNX Toeplitz ms", "ONNX factored DFT ms",
                    "best ONNX x floor", "auto picks"]  # fmt: skip
@@ -319,7 +349,7 @@ def print_floors(floors: list[Floor]) -> None:
     print("|" + "---|" * len(header))
     for f in floors:
         line = [f.shape.name, str(f.shape.batch), str(f.shape.dim), str(f.shape.seq_len), str(f.n),
-                f"{f.fft_ms:.4g}", f"{f.eager_ms:.4g} ({f.eager.median:.2f})"]  # fmt: skip
+                f"{f.plain_ms:.4g}", f"{f.blocked_ms:.4g}", f"{f.eager_ms:.4g} ({f.eager.median:.2f})"]  # fmt: skip
         verdict = ["eager" if f.eager.median <= 1.2 else ""]
         if onnx:
             best = min(f.onnx, key=lambda form: f.onnx[form].median)
@@ -353,40 +383,49 @@ def bench_long_train(args, device, targets) -> list[Row]:
     if "4" in targets:
         u = x.detach()
 
-        def inherent_ffts() -> None:
+        def inherent_ffts(u: torch.Tensor = u, dy: torch.Tensor = grad) -> None:
             """Forward: rfft(u) + N irfft. Backward: rfft(dy) + N rfft(c_i) + rfft(u) (recomputed) + irfft."""
             u_f = torch.fft.rfft(u, n=n)
             for _ in range(num_res):
                 torch.fft.irfft(u_f, n=n)
-            torch.fft.rfft(grad, n=n)
+            torch.fft.rfft(dy, n=n)
             for _ in range(num_res + 1):
                 torch.fft.rfft(u, n=n)
             torch.fft.irfft(u_f, n=n)
+
+        step = channel_chunk(u, n)
+
+        def blocked_ffts() -> None:
+            """The same FFTs over the cache-sized channel blocks the layer loops over."""
+            for start in range(0, dim, step):
+                block = slice(start, start + step)
+                inherent_ffts(u[:, block], grad[:, block])
 
         kernel = torch.randn(num_res, dim, n, device=device)
 
         def kernel_ffts() -> None:  # the N sub-kernel spectra and their gradients: no batch factor
             torch.fft.irfft(torch.fft.rfft(kernel, n=n), n=n)
 
-        fns = {"ffts": inherent_ffts, "kernel_ffts": kernel_ffts, "fused": fwd_bwd(layer)}
+        fns = {"plain": inherent_ffts, "blocked": blocked_ffts, "kernel_ffts": kernel_ffts, "fused": fwd_bwd(layer)}
         if not args.quick:
             fns["reference"] = fwd_bwd(lambda inp: branch_bn_autograd(layer, inp))
         t = compare(fns, args.long_repeats, 1, device)
+        ffts = min(("plain", "blocked"), key=t.__getitem__)  # the floor, as in target 3
         what = f"train layer fwd+bwd, N={num_res}"
         rows.append(
             Row(
                 "4",
                 what,
-                f"{2 * num_res + 4} FFTs alone",
-                t["ffts"] * 1e3,
+                f"{2 * num_res + 4} FFTs alone ({ffts})",
+                t[ffts] * 1e3,
                 "fused BN layer",
                 t["fused"] * 1e3,
                 "ms",
                 "<= 1.3",
-                t.ratio("fused", "ffts"),
+                t.ratio("fused", ffts),
             )
         )
-        with_kernel = t["ffts"] + t["kernel_ffts"]
+        with_kernel = t[ffts] + t["kernel_ffts"]
         rows.append(
             Row(
                 "4*",
@@ -397,7 +436,7 @@ def bench_long_train(args, device, targets) -> list[Row]:
                 t["fused"] * 1e3,
                 "ms",
                 "<= 1.3",
-                t.ratio("fused", "ffts", "kernel_ffts"),
+                t.ratio("fused", ffts, "kernel_ffts"),
             )
         )
         if "reference" in t.times:
@@ -405,13 +444,13 @@ def bench_long_train(args, device, targets) -> list[Row]:
                 Row(
                     "4*",
                     what,
-                    f"{2 * num_res + 4} FFTs alone",
-                    t["ffts"] * 1e3,
+                    f"{2 * num_res + 4} FFTs alone ({ffts})",
+                    t[ffts] * 1e3,
                     "plain autograd layer",
                     t["reference"] * 1e3,
                     "ms",
                     "<= 1.3",
-                    t.ratio("reference", "ffts"),
+                    t.ratio("reference", ffts),
                 )
             )
     if "5" in targets:
@@ -454,11 +493,15 @@ ONNX_BATCHES = (1, 8)
 
 
 def ort_session(path: str, threads: int):
+    """A CPU session with ``threads`` intra-op threads that do not spin once a run ends: by default they spin for a
+    while, taking the cores from whatever runs next, which on a 2-core machine halved the throughput of the next
+    candidate in the round (timed one session per process, the ratios agree with those of non-spinning sessions)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -491,13 +534,14 @@ def bench_onnx_inference(args, tmp: str) -> list[Row]:
     rows = []
     for batch in ONNX_BATCHES:
         x = torch.randn(batch, 3, 224, 224)
-        fns = {f"onnx {name}": ort_fn(session, x) for name, session in sessions.items()}
-        with torch.no_grad():
-            for name, model in models.items():
-                fns[f"torch {name}"] = lambda m=model, x=x: m(x)
-            t = compare(fns, args.infer_repeats, 1, torch.device("cpu"), args.clock)
-        for runtime in ("onnx", "torch"):
-            base, cand = (f"{runtime} {name}" for name in models)
+        runtimes = {
+            "onnx": {name: ort_fn(session, x) for name, session in sessions.items()},
+            "torch": {name: lambda m=model, x=x: m(x) for name, model in models.items()},
+        }
+        for runtime, fns in runtimes.items():  # one runtime per comparison: their thread pools do not meet
+            with torch.no_grad():
+                t = compare(fns, args.infer_repeats, 1, torch.device("cpu"), args.clock)
+            base, cand = models
             label = f"onnxruntime (parity {parity:.1e})" if runtime == "onnx" else "PyTorch eager (same run)"
             rows.append(
                 Row("6" if runtime == "onnx" else "6*", f"inference {label}, batch {batch}, images/s", "convnext_tiny",

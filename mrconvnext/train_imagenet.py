@@ -378,7 +378,9 @@ def create_loaders(
     transforms in plain DataLoaders; ``TrainingRun.prepare`` shards them (sharded formats shard themselves)."""
     micro_batch = args.batch_size // args.grad_accum_steps
     val_batch = args.validation_batch_size or micro_batch
-    common = dict(root=args.data_dir, seed=args.seed, shuffle_window=args.shard_shuffle_window)
+    common = dict(
+        root=args.data_dir, seed=args.seed, shuffle_window=args.shard_shuffle_window, num_classes=args.num_classes
+    )
     try:
         train_set = create_image_dataset(
             args.dataset,

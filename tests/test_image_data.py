@@ -301,6 +301,16 @@ def test_train_on_each_format_in_one_process(name, formats, tmp_path, fresh_acce
     assert float(csv_row["train_loss"]) == pytest.approx(row["train_loss"])
 
 
+@pytest.mark.parametrize("name", ["wds", "parquet", "hfds"])
+def test_a_label_beyond_num_classes_names_the_file(name, formats, tmp_path, fresh_accelerate_state) -> None:
+    """Shards hold labels, not a class list: a label the model has no output for is an error naming where it
+    was read and ``--num-classes``, not torch's "Target 1 is out of bounds" from inside the loss."""
+    args = [*TRAIN_ARGS, "--dataset", name, "--data-dir", str(formats[name]), "--output", str(tmp_path)]
+    args[args.index("--num-classes") + 1] = "1"
+    with pytest.raises(DataFormatError, match=rf"{re.escape(str(formats[name]))}.*label 1\b.*--num-classes 1"):
+        train_imagenet.train(args)
+
+
 def test_missing_shards_are_a_preflight_error(formats, tmp_path, fresh_accelerate_state) -> None:
     from mrconvnext.utils.training import PreflightError
 

@@ -127,6 +127,17 @@ class SampleSeededDataset(Dataset):
             return self.dataset[index]
 
 
+def check_label(label: int, num_classes: int | None, where: str, key: str) -> int:
+    """``label``, after checking that it is one of the model's ``num_classes`` outputs (shards hold labels, not a
+    class list): else an error naming ``where`` (the file) and ``key`` (the sample)."""
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise DataFormatError(
+            f"{where}: {key} has label {label}, not one of the model's {num_classes} classes "
+            f"(0 .. {num_classes - 1}, --num-classes {num_classes})"
+        )
+    return label
+
+
 def _decode(data: bytes, path: str, key: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -404,8 +415,10 @@ class ShardedImageDataset(IterableDataset):
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         rank: int | None = None,
         world_size: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.shards = list(shards)
+        self.num_classes = num_classes
         self.open_shard = open_shard
         self.transform = transform
         self.train, self.batch_size, self.seed = train, batch_size, seed
@@ -478,7 +491,7 @@ class ShardedImageDataset(IterableDataset):
         shard = int(np.searchsorted(self.starts, sample, side="right")) - 1
         reader = self._reader(shard)
         key, data, label = reader.read(sample - int(self.starts[shard]))
-        return _decode(data, reader.path, key), label
+        return _decode(data, reader.path, key), check_label(label, self.num_classes, reader.path, f"sample {key!r}")
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         worker = get_worker_info()
@@ -506,10 +519,12 @@ class HfDiskImageDataset(Dataset):
     ``Dataset`` at ``root`` or ``root/<split>``), with ``image`` and ``label`` columns; ``(transform(image),
     label)`` per row."""
 
-    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+    def __init__(
+        self, root: str, split: str, transform: Callable | None = None, num_classes: int | None = None
+    ) -> None:
         import datasets
 
-        self.root, self.transform = root, transform
+        self.root, self.transform, self.num_classes = root, transform, num_classes
         path = os.path.join(root, split) if os.path.isfile(os.path.join(root, split, "state.json")) else root
         try:
             loaded = datasets.load_from_disk(path)
@@ -547,8 +562,9 @@ class HfDiskImageDataset(Dataset):
             raise DataFormatError(f"{where}: row {index} has no image")
         if label is None:
             raise DataFormatError(f"{where}: row {index} has no label")
+        label = check_label(int(label), self.num_classes, where, f"row {index}")
         img = image.convert("RGB")
-        return (self.transform(img) if self.transform is not None else img), int(label)
+        return (self.transform(img) if self.transform is not None else img), label
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -569,9 +585,12 @@ def create_image_dataset(
     seed: int = 42,
     num_samples: int | None = None,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+    num_classes: int | None = None,
 ) -> Dataset:
     """The ``split`` of ``root`` in format ``name`` (see the module docstring); a training set's augmentation
-    draws are seeded per sample. Raises :class:`DataFormatError` naming the file or folder at fault."""
+    draws are seeded per sample. Raises :class:`DataFormatError` naming the file or folder at fault; with
+    ``num_classes`` also for a sharded or ``save_to_disk`` label that is not one of the model's classes (an image
+    folder's classes are its subfolders, checked against the model by the caller)."""
     kind = name.split("/", 1)[0].lower()
     if kind in SHARD_FORMATS:
         return ShardedImageDataset(
@@ -583,9 +602,10 @@ def create_image_dataset(
             seed=seed,
             num_samples=num_samples,
             shuffle_window=shuffle_window,
+            num_classes=num_classes,
         )
     if name == "hfds":
-        dataset: Dataset = HfDiskImageDataset(root, split, transform)
+        dataset: Dataset = HfDiskImageDataset(root, split, transform, num_classes)
     elif kind in ("hfids", "tfds"):
         raise DataFormatError(
             f"--dataset {name}: timm's iterable readers are not supported (their epochs are not split exactly over "

@@ -41,6 +41,8 @@ from timm.utils import natural_key, reparameterize_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mrconvnext.data import DataFormatError
+from mrconvnext.data.images import create_image_dataset
 from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
 from mrconvnext.utils.evaluation import (
@@ -64,8 +66,18 @@ def create_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Dataset")
     group.add_argument("data", nargs="?", metavar="DIR", help="path to dataset (*deprecated*, use --data-dir)")
     group.add_argument(
-        "--data-dir", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>, or DIR/val/<class>/..."
+        "--data-dir",
+        metavar="DIR",
+        help="ImageFolder root (DIR/<class>/<image>, or DIR/val/<class>/...), or the --dataset shards' folder",
     )
+    group.add_argument(
+        "--dataset",
+        default="",
+        metavar="NAME",
+        help="'' an image folder; wds, parquet, hfds: ImageNet as webdataset tars, parquet files or a save_to_disk "
+        "folder (README 'Training on ImageNet'); other names go to timm's create_dataset",
+    )
+    group.add_argument("--split", default="validation", help="split of a --dataset (an image folder: val/ or DIR)")
     group.add_argument(
         "--class-map", default="", metavar="FILENAME", help="class name to index mapping file (.txt/.pkl)"
     )
@@ -273,21 +285,34 @@ def evaluate(
 def validate(
     args: argparse.Namespace, name: str | None, checkpoint: str, folder: str, accelerator: Accelerator
 ) -> dict:
-    """Evaluate one model (and checkpoint) on ``folder``; returns the result row."""
+    """Evaluate one model (and checkpoint) on ``folder`` (an image folder, or the files of ``--dataset``); returns
+    the result row."""
     model = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     name = name or model.pretrained_cfg["architecture"]
     data_config = resolve_input_data_config(model, vars(args), use_test_size=True)
+    transform = create_transform(**data_config, is_training=False)
     try:
-        dataset = ImageFolderDataset(
-            folder,
-            class_map=args.class_map,
-            input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
-            transform=create_transform(**data_config, is_training=False),
-        )
-        check_num_classes(dataset.reader.class_to_idx, model.num_classes, args.class_map)
+        if args.dataset:
+            dataset = create_image_dataset(
+                args.dataset,
+                folder,
+                args.split,
+                train=False,
+                transform=transform,
+                batch_size=args.batch_size,
+                num_classes=model.num_classes,
+            )
+        else:
+            dataset = ImageFolderDataset(
+                folder,
+                class_map=args.class_map,
+                input_img_mode="RGB" if data_config["input_size"][0] == 3 else "L",
+                transform=transform,
+            )
+            check_num_classes(dataset.reader.class_to_idx, model.num_classes, args.class_map)
     except (AssertionError, OSError, ValueError, pickle.UnpicklingError) as e:  # timm asserts on a missing class map
         raise UsageError(str(e)) from e
-    if not len(dataset):
+    if not args.dataset and not len(dataset):
         raise UsageError(f"no class folder of {folder!r} is named in class map {args.class_map!r}")
 
     if args.compare_reparam:
@@ -301,9 +326,12 @@ def validate(
     _logger.info(f"Model {name} ({', '.join(f'{k}: {v}M params' for k, v in params.items())}), data {data_config}")
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.pin_mem)
-    result = evaluate(
-        forms, accelerator.prepare_data_loader(loader), accelerator, args, data_config["input_size"], name
-    )
+    if not getattr(dataset, "shards_over_processes", False):  # sharded formats give each process its share
+        loader = accelerator.prepare_data_loader(loader)
+    try:
+        result = evaluate(forms, loader, accelerator, args, data_config["input_size"], name)
+    except DataFormatError as e:  # a shard read during the pass: truncated, a record without image or label
+        raise UsageError(str(e)) from e
 
     main_form = next(iter(forms))
     metrics = result["forms"][main_form]
@@ -374,10 +402,15 @@ def _run(args: argparse.Namespace) -> int:
     entries = model_entries(args)
     if args.results_file:
         read_results(args.results_file)  # fail before evaluating, not after
-    try:
-        folder = find_image_folder(args.data_dir or args.data)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from e
+    if args.dataset:
+        folder = args.data_dir or args.data
+        if not folder:
+            raise UsageError(f"--dataset {args.dataset} needs --data-dir DIR, the folder of its files")
+    else:
+        try:
+            folder = find_image_folder(args.data_dir or args.data)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from e
     threads = set_default_num_threads(args.workers)
     accelerator = Accelerator(cpu=resolve_device(args) == "cpu")
     is_main = accelerator.is_main_process

@@ -140,6 +140,10 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_validate.py::test_torchrun_two_processes_count_each_image_once",
     ),
     r"python validate\.py --data-dir \. --checkpoint model_best\.pth": "here",
+    r"python validate\.py --dataset (wds|parquet|hfds) --data-dir": (
+        "tests/test_validate.py::test_shards_validate_as_the_folder",
+        "tests/test_validate.py::test_torchrun_two_processes_validate_shards_once",
+    ),
     r"python benchmarks/throughput\.py --model": "here",
     # ConvNeXt -> MRConvNeXt measurement block, run as written with one epoch per training
     r"(OUT=/tmp/convnext-digits|RECIPE=)": ("tests/test_convert.py::test_readme_conversion_commands",),

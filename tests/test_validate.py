@@ -25,6 +25,7 @@ from timm.utils import accuracy
 from mrconvnext import MRConv, validate
 from mrconvnext.utils.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
 
+from .image_formats import write_formats
 from .reference import randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -317,3 +318,56 @@ def test_validate_does_not_count_unreadable_images(capsys, caplog, tmp_path, dat
     assert row["num_images"] == clean["num_images"] and row["skipped_images"] == 1
     for key in ("top1", "top5", "loss"):
         assert row[key] == pytest.approx(clean[key], abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def odd_root(data_root, tmp_path_factory) -> Path:
+    """13 of the 14 images as ``train`` and ``val`` folders: an odd count, so two processes pad one sample."""
+    root = tmp_path_factory.mktemp("odd")
+    for split in ("train", "val"):
+        shutil.copytree(data_root / "val", root / split)
+        (root / split / "class6" / "img1.png").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def shard_formats(odd_root, tmp_path_factory) -> dict[str, Path]:
+    return write_formats(odd_root, tmp_path_factory.mktemp("formats"))
+
+
+@pytest.fixture(scope="module")
+def odd_folder_result(odd_root, checkpoint) -> dict:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert validate.main(_argv(odd_root, checkpoint)) == 0
+    (line,) = out.getvalue().splitlines()
+    return json.loads(line)
+
+
+def _same_as_folder(row: dict, folder: dict) -> None:
+    assert row["num_images"] == folder["num_images"] == 13 and row["skipped_images"] == 0
+    assert row["top1"] == folder["top1"] and row["top5"] == folder["top5"]
+    assert row["loss"] == pytest.approx(folder["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["wds", "parquet", "hfds"])
+def test_shards_validate_as_the_folder(name, capsys, shard_formats, checkpoint, odd_folder_result) -> None:
+    """``--dataset`` as in timm's validate.py, ``--split validation`` by default (the Hub copies' name)."""
+    (row,) = _run(capsys, _argv(shard_formats[name], checkpoint, "--dataset", name))
+    _same_as_folder(row, odd_folder_result)
+
+
+def test_torchrun_two_processes_validate_shards_once(shard_formats, checkpoint, odd_folder_result) -> None:
+    """Each process reads its own half of the shards; the one padding repeat is neither counted nor skipped."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "validate.py"]
+    argv = _argv(shard_formats["wds"], checkpoint, "--dataset", "wds")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    _same_as_folder(json.loads(line), odd_folder_result)
+
+
+def test_a_missing_split_of_shards_is_reported(capsys, shard_formats, checkpoint) -> None:
+    assert validate.main(_argv(shard_formats["wds"], checkpoint, "--dataset", "wds", "--split", "val")) == 1
+    assert "validate.py: error: " in (err := capsys.readouterr().err) and "no split 'val'" in err

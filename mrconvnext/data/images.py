@@ -59,7 +59,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..utils.evaluation import ImageFolderDataset
+from ..utils.evaluation import PADDING_TARGET, ImageFolderDataset
 from .common import DataFormatError
 
 __all__ = [
@@ -392,7 +392,7 @@ class ShardedImageDataset(IterableDataset):
     of that order (the same whole number of batches on every process; the remainder of the epoch, fewer than
     ``world_size * batch_size`` samples, is left out), permuted within windows of ``shuffle_window``; in
     evaluation each process takes ``ceil(num_samples / world_size)`` samples in order, the last ones padded
-    with repeats labelled -1 (left out of every metric), so every sample is counted exactly once. Batch ``i`` of
+    with repeats labelled :data:`~mrconvnext.utils.evaluation.PADDING_TARGET` (left out of every metric), so every sample is counted exactly once. Batch ``i`` of
     a process comes from loader worker ``i % workers``, which is the order in which the loader returns them.
 
     Yields ``(transform(image), label)``; ``shards_over_processes`` tells the training runner not to shard it
@@ -508,7 +508,7 @@ class ShardedImageDataset(IterableDataset):
                             img = self.transform(img)
                     else:
                         img = self.transform(img)
-                yield img, (label if entry >= 0 else -1)
+                yield img, (label if entry >= 0 else PADDING_TARGET)
 
 
 # ------------------------------------------------------------------------------------------ save_to_disk

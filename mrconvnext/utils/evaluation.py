@@ -18,6 +18,8 @@ from timm.data import ImageDataset, get_img_extensions
 _logger = logging.getLogger(__name__)
 
 EVAL_SPLIT_DIRS = ("val", "validation", "valid", "eval", "evaluation", "test")
+UNREADABLE_TARGET = -1  # an image evaluation could not read (ImageFolderDataset): left out, counted as skipped
+PADDING_TARGET = -2  # a sharded dataset's repeat that evens out the processes' shares: left out, not counted
 _MAX_UNREADABLE = 10  # consecutive unreadable training images before the loader gives up (timm's default)
 
 
@@ -91,7 +93,7 @@ def check_num_classes(class_to_idx: dict, num_classes: int, class_map: str = "")
 
 class ImageFolderDataset(ImageDataset):
     """timm's ``ImageDataset`` that names an unreadable image (a truncated or corrupt file) in a warning with its
-    path. ``unreadable="mark"`` (evaluation) gives it target -1, which :func:`sample_metrics` and
+    path. ``unreadable="mark"`` (evaluation) gives it target :data:`UNREADABLE_TARGET`, which :func:`sample_metrics` and
     :class:`MetricSums` leave out of every metric and count; ``unreadable="next"`` (training) uses the next
     readable image instead, as timm does."""
 
@@ -120,7 +122,7 @@ class ImageFolderDataset(ImageDataset):
                 path = self.filename(index, absolute=True)
                 if self.unreadable == "mark":
                     _logger.warning(f"skipped unreadable image {path!r}: {e}")
-                    img, target = Image.new(self.input_img_mode or "RGB", (1, 1)), -1
+                    img, target = Image.new(self.input_img_mode or "RGB", (1, 1)), UNREADABLE_TARGET
                     break
                 _logger.warning(f"unreadable image {path!r} replaced by the next one: {e}")
                 index = (index + 1) % len(self)
@@ -129,7 +131,7 @@ class ImageFolderDataset(ImageDataset):
         if self.transform is not None:
             img = self.transform(img)
         if target is None:
-            target = -1
+            target = UNREADABLE_TARGET
         elif target >= 0 and self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
@@ -137,23 +139,24 @@ class ImageFolderDataset(ImageDataset):
 
 def sample_metrics(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
     """Per-sample cross-entropy (float32) and top-k hits (``k`` capped at the class count, as timm's ``accuracy``),
-    and ``readable``: False where the target is -1 (an unreadable image, :class:`ImageFolderDataset`, or the
-    padding of a sharded dataset), which :class:`MetricSums` leaves out."""
+    ``readable``: False where the target is negative, which :class:`MetricSums` leaves out, and ``padding``: True
+    for :data:`PADDING_TARGET` (a sharded dataset's repeat), which it does not count as skipped either."""
     logits = logits.float()
-    readable = target >= 0
+    readable, padding = target >= 0, target == PADDING_TARGET
     target = target.clamp_min(0)
     maxk = min(max(topk), logits.shape[1])
     hits = logits.topk(maxk, dim=1).indices.eq(target[:, None])
     metrics = {"loss": F.cross_entropy(logits, target, reduction="none")}
     for k in topk:
         metrics[f"top{k}"] = hits[:, : min(k, maxk)].any(dim=1)
-    metrics["readable"] = readable
+    metrics["readable"], metrics["padding"] = readable, padding
     return metrics
 
 
 class MetricSums:
     """Running sums of per-sample metrics; ``summary()`` gives means, in percent for top-k hits. Samples whose
-    ``readable`` entry is False are left out (``count``) and counted in ``skipped``."""
+    ``readable`` entry is False are left out (``count``) and, unless their ``padding`` entry is True, counted in
+    ``skipped``."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -166,11 +169,12 @@ class MetricSums:
             raise ValueError(f"per-sample metrics of unequal lengths: { {k: len(v) for k, v in metrics.items()} }")
         size = counts.pop()
         metrics = dict(metrics)
-        readable = metrics.pop("readable", None)
+        readable, padding = metrics.pop("readable", None), metrics.pop("padding", None)
         if readable is not None:
             readable = readable.bool()
             metrics = {k: v[readable] for k, v in metrics.items()}
-            self.skipped += size - int(readable.sum().item())
+            padded = int(padding.sum().item()) if padding is not None else 0
+            self.skipped += size - int(readable.sum().item()) - padded
             size = int(readable.sum().item())
         self.count += size
         for name, values in metrics.items():

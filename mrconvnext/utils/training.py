@@ -887,15 +887,15 @@ class TrainingRun:
         topk: tuple[int, ...] = (1, 5),
     ) -> dict[str, float]:
         """Loss and top-k accuracy of ``logits, targets = forward(batch)`` over ``loader``, each sample counted
-        once across processes (``gather_for_metrics`` drops the sampler's padding; samples with target -1, the
-        padding of a sharded dataset or an unreadable image, are left out); ``samples`` is the count."""
+        once across processes (``gather_for_metrics`` drops the sampler's padding; samples with a negative target,
+        the padding of a sharded dataset or an unreadable image, are left out); ``samples`` is the count."""
         model.eval()
         start = time.perf_counter()
         sums = MetricSums()
         for batch in loader:
             with self.accelerator.autocast():
                 logits, targets = forward(batch)
-            # a target of -1 is marked unreadable by sample_metrics and left out by MetricSums
+            # a negative target is marked unreadable by sample_metrics and left out by MetricSums
             sums.update(self.accelerator.gather_for_metrics(sample_metrics(logits, targets, topk=topk)))
         self._eval_seconds += time.perf_counter() - start
         return {**sums.summary(), "samples": sums.count}

@@ -243,3 +243,18 @@ def test_resume_skips_a_corrupt_newest_checkpoint(two_checkpoints, caplog) -> No
     text = _resume_log(args, caplog)
     assert f"skipped checkpoint {checkpoints / 'epoch_0002'}: SafetensorError" in text
     assert f"resumed from {checkpoints / 'epoch_0001'}: continuing at epoch 2" in text
+
+
+def test_an_epoch_stopped_after_its_last_update_resumes_with_its_sums(fresh_accelerate_state) -> None:
+    """A stop signal that lands on an epoch's last update checkpoints before the epoch's evaluation; the resumed
+    epoch then runs no batch and its metrics (``train_acc`` ...) come from the checkpoint's sums alone. Seen as
+    ``KeyError: 'train_acc'`` when ``train_sequence.py`` resumed such a checkpoint on a loaded machine."""
+    from accelerate import Accelerator
+
+    from mrconvnext.utils.training import _EpochMeter
+
+    accelerator = Accelerator(cpu=True)
+    carry = {"loss": 3.0, "finite": 6.0, "samples": 120.0, "wait": 0.5, "time": 2.0, "skipped": 0,
+             "sums": {"acc": 4200.0}}  # fmt: skip
+    totals = _EpochMeter(accelerator.device, carry).totals(accelerator)
+    assert totals["sums"] == {"acc": 4200.0} and totals["samples"] == 120.0 and totals["loss"] == 3.0

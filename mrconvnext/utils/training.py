@@ -394,14 +394,19 @@ class _EpochMeter:
         self.i_wait += seconds
 
     def totals(self, accelerator: Accelerator) -> dict:
-        """Sums over all processes and the carried part (a collective: call on every process)."""
-        keys = sorted(self.sums)
+        """Sums over all processes and the carried part (a collective: call on every process).
+
+        The keys are those of this part and of the carried one: a resumed epoch whose checkpoint came after its
+        last update runs no batch, and its sums are the carried ones (every process carries the same)."""
+        carry = self.carry
+        carried = carry.get("sums", {})
+        keys = sorted(set(self.sums) | set(carried))
         local = [self.loss, self.finite, self.samples, self.wait, time.perf_counter() - self.start]
         local = torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float32) for v in local])
-        extra = torch.stack([self.sums[k] for k in keys]) if keys else local.new_zeros(0)
+        zero = local.new_zeros(())
+        extra = torch.stack([self.sums.get(k, zero) for k in keys]) if keys else local.new_zeros(0)
         summed = accelerator.reduce(torch.cat([local, extra]))
-        summed, world, carry = summed.tolist(), accelerator.num_processes, self.carry
-        carried = carry.get("sums", {})
+        summed, world = summed.tolist(), accelerator.num_processes
         return {
             "loss": summed[0] + carry.get("loss", 0.0),
             "finite": summed[1] + carry.get("finite", 0.0),

@@ -75,7 +75,7 @@ def create_parser() -> argparse.ArgumentParser:
         default="",
         metavar="NAME",
         help="'' an image folder; wds, parquet, hfds: ImageNet as webdataset tars, parquet files or a save_to_disk "
-        "folder (README 'Training on ImageNet'); other names go to timm's create_dataset",
+        "folder (README 'Data formats'); other names go to timm's create_dataset",
     )
     group.add_argument("--split", default="validation", help="split of a --dataset (an image folder: val/ or DIR)")
     group.add_argument(

@@ -392,8 +392,10 @@ class ShardedImageDataset(IterableDataset):
     of that order (the same whole number of batches on every process; the remainder of the epoch, fewer than
     ``world_size * batch_size`` samples, is left out), permuted within windows of ``shuffle_window``; in
     evaluation each process takes ``ceil(num_samples / world_size)`` samples in order, the last ones padded
-    with repeats labelled :data:`~mrconvnext.utils.evaluation.PADDING_TARGET` (left out of every metric), so every sample is counted exactly once. Batch ``i`` of
-    a process comes from loader worker ``i % workers``, which is the order in which the loader returns them.
+    with repeats labelled :data:`~mrconvnext.utils.evaluation.PADDING_TARGET` (left out of every metric), so
+    every sample is counted exactly once. Batch ``i`` of a process comes from loader worker ``i % workers``,
+    which is the order in which the loader returns them. With ``num_classes`` every label is checked against it
+    (:func:`check_label`).
 
     Yields ``(transform(image), label)``; ``shards_over_processes`` tells the training runner not to shard it
     again. ``start_epoch_at(epoch, batch)`` makes the next pass over ``epoch`` start at ``batch`` of this

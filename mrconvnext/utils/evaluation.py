@@ -93,9 +93,9 @@ def check_num_classes(class_to_idx: dict, num_classes: int, class_map: str = "")
 
 class ImageFolderDataset(ImageDataset):
     """timm's ``ImageDataset`` that names an unreadable image (a truncated or corrupt file) in a warning with its
-    path. ``unreadable="mark"`` (evaluation) gives it target :data:`UNREADABLE_TARGET`, which :func:`sample_metrics` and
-    :class:`MetricSums` leave out of every metric and count; ``unreadable="next"`` (training) uses the next
-    readable image instead, as timm does."""
+    path. ``unreadable="mark"`` (evaluation) gives it target :data:`UNREADABLE_TARGET`, which
+    :func:`sample_metrics` and :class:`MetricSums` leave out of every metric and count; ``unreadable="next"``
+    (training) uses the next readable image instead, as timm does."""
 
     def __init__(self, *args, unreadable: str = "mark", **kwargs) -> None:
         if unreadable not in ("mark", "next"):

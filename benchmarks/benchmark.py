@@ -10,8 +10,8 @@ Method (``benchmarks/timing.py``): every comparison runs its candidates round-ro
 after warm-up runs; the table shows the median time of each side and, as the ratio, the median over
 rounds of each round's candidate / baseline ratio (``--cpu-time``: this process's CPU time instead of wall time).
 onnxruntime sessions (target 6) use as many intra-op threads as torch, without spinning between runs; whole models
-are compared within one runtime at a time. Peak training memory is measured per model in a fresh subprocess on the
-CPU. Target 3 (and 6) also print the floor table: each layer shape against an rfft + irfft of its input (plain, and
+are compared within one runtime at a time. Peak training memory is the growth of the bytes held by tensors over one
+step (``step_memory``). Target 3 (and 6) also print the floor table: each layer shape against an rfft + irfft of its input (plain, and
 over cache-sized channel blocks), with the MACs and times of the ONNX forms.
 """
 
@@ -43,7 +43,6 @@ from benchmarks.timing import (  # noqa: E402
     compare,
     machine_info,
     step_memory,
-    step_memory_in_subprocess,
     train_step,
 )
 from tests.reference import branch_bn_autograd  # noqa: E402
@@ -120,17 +119,10 @@ def bench_inference(args, device) -> list[Row]:
     ]
 
 
-def training_step(name: str, norm: str, batch: int) -> Callable[[], None]:
-    """One training step of ``name`` on the CPU (what :func:`peak_train_memory` measures in a fresh process)."""
-    device = torch.device("cpu")
-    return train_step_fn(create_model(name, device, True, norm), batch, device)
-
-
 def peak_train_memory(name: str, norm: str, batch: int, device: torch.device) -> float:
-    """Peak memory (MiB) of one training step above the loaded model (CPU: in a fresh process)."""
-    if device.type == "cuda":
-        return step_memory(train_step_fn(create_model(name, device, True, norm), batch, device), device)
-    return step_memory_in_subprocess("benchmarks.benchmark.training_step", name, norm, batch)
+    """Peak memory (MiB) of one training step above the model's training state (:func:`step_memory`)."""
+    model = create_model(name, device, True, norm)
+    return step_memory(model, train_step_fn(model, batch, device), device)
 
 
 def bench_training(args, device, targets) -> list[Row]:
@@ -562,10 +554,13 @@ def bench_onnx_inference(args, tmp: str) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- block-by-block profile
-def profile_parts(model: torch.nn.Module, step: Callable[[], None]) -> dict[str, float]:
-    """Milliseconds per part (stem, each stage's downsample / conv_dw / norm / mlp, head; forward and backward)
-    of one ``step`` under ``torch.profiler``: hooks open a ``record_function`` range around each part's forward and
-    around its backward (from the gradient of its output to that of its input)."""
+PROFILE_STEPS = 3  # single steps differ by up to 1.7x in parts that are the same modules in both models
+
+
+def profile_parts(model: torch.nn.Module, step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Milliseconds per part (stem, each stage's downsample / conv_dw / norm / mlp, head; forward and backward),
+    the mean over ``steps`` calls of ``step`` under ``torch.profiler``: hooks open a ``record_function`` range around
+    each part's forward and around its backward (from the gradient of its output to that of its input)."""
     parts = {"stem": model.stem, "head": model.head}
     for i, stage in enumerate(model.stages):
         parts[f"stage {i + 1} downsample"] = stage.downsample
@@ -591,36 +586,39 @@ def profile_parts(model: torch.nn.Module, step: Callable[[], None]) -> dict[str,
         ]
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
+            for _ in range(steps):
+                step()
     finally:
         for handle in handles:
             handle.remove()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         if " | " in event.key:
-            totals[event.key] = totals.get(event.key, 0.0) + event.cpu_time_total / 1e3
+            totals[event.key] = totals.get(event.key, 0.0) + event.cpu_time_total / 1e3 / steps
     return totals
 
 
 def print_profile(args, device: torch.device) -> None:
-    """Block-by-block table of ``mrconvnext_tiny`` against ``convnext_tiny``: deploy inference and one training
-    step (BN train form), forward and backward per part, each after one untimed step."""
+    """Block-by-block table of ``mrconvnext_tiny`` against ``convnext_tiny``: deploy inference and the training step
+    (BN train form), forward and backward per part, the mean of ``PROFILE_STEPS`` steps after one untimed step."""
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     columns: dict[str, dict[str, float]] = {}
     for name in ("convnext_tiny", "mrconvnext_tiny"):
         model = create_model(name, device, False)
         with torch.no_grad():
             model(x)
-            inference = profile_parts(model, lambda m=model: m(x))
+            inference = profile_parts(model, lambda m=model: m(x), PROFILE_STEPS)
         columns[f"{name} inference"] = {k.split(" | ")[0]: v for k, v in inference.items()}
         train = create_model(name, device, True)
         step = train_step_fn(train, args.batch, device)
         step()
-        for key, value in profile_parts(train, step).items():
+        for key, value in profile_parts(train, step, PROFILE_STEPS).items():
             part, direction = key.split(" | ")
             columns.setdefault(f"{name} train {direction}", {})[part] = value
     parts = list(dict.fromkeys(p for column in columns.values() for p in column))
-    print(f"\n### Block by block (torch.profiler, ms, batch {args.batch}, one step after a warm-up step)\n")
+    print(
+        f"\n### Block by block (torch.profiler, ms, batch {args.batch}, mean of {PROFILE_STEPS} steps after a warm-up step)\n"
+    )
     print("| part | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for part in [*parts, "total"]:

@@ -5,7 +5,7 @@
 
 1. Training: one AdamW step (forward, cross-entropy backward, step) of every ``mrconv_<task>_base`` config at
    its registered length and a reduced batch; samples per second (median step time) and the peak memory of a
-   step above the loaded model (CPU: ``VmHWM`` growth in a fresh process; CUDA: ``max_memory_allocated``).
+   step above the model's training state (the growth of the bytes held by tensors: ``timing.step_memory``).
 2. Table 4(b): inference time of MRConv-B (``mrconv_text_base`` on Text, ``mrconv_image_base`` on Image) in
    its reparameterized and its train form against the same backbone with S4D's diagonal state-space kernel
    (``benchmarks/s4d.py``) in place of MRConv: same width, depth, block, encoder and head. Speed is reported as
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import timm
 import torch
 
 import mrconvnext  # noqa: F401
 from benchmarks.s4d import S4DConv
-from benchmarks.timing import autocast, compare, machine_info, step_memory, step_memory_in_subprocess, sync, train_step
+from benchmarks.timing import autocast, compare, machine_info, step_memory, sync, train_step
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx", "scifar", "speech")
 INFERENCE = {"Text": ("mrconv_text_base", 4), "Image": ("mrconv_image_base", 8)}  # model, batch
@@ -49,16 +48,10 @@ def train_step_fn(model, batch: int, device: torch.device):
     return train_step(model, x, target, optimizer)
 
 
-def training_step(name: str, batch: int) -> Callable[[], None]:
-    """One training step of ``name`` on the CPU (what :func:`peak_train_memory` measures in a fresh process)."""
-    return train_step_fn(timm.create_model(name).train(), batch, torch.device("cpu"))
-
-
 def peak_train_memory(name: str, batch: int, device: torch.device) -> float:
-    """Peak memory (MiB) of one training step above the loaded model (CPU: in a fresh process)."""
-    if device.type == "cuda":
-        return step_memory(train_step_fn(timm.create_model(name).to(device).train(), batch, device), device)
-    return step_memory_in_subprocess("benchmarks.sequence_benchmark.training_step", name, batch)
+    """Peak memory (MiB) of one training step above the model's training state (:func:`step_memory`)."""
+    model = timm.create_model(name).to(device).train()
+    return step_memory(model, train_step_fn(model, batch, device), device)
 
 
 def bench_training(args, device) -> list[str]:

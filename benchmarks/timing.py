@@ -2,30 +2,25 @@
 
 Every comparison runs its candidates round-robin (baseline, candidate, baseline, ...) after warm-up rounds;
 a ratio is the median over rounds of each round's candidate / baseline, whose two runs are back to back, so
-slow drifts of a shared machine cancel. Peak training memory on the CPU is the growth of the peak resident
-set (``VmHWM``) over one step, measured in a fresh subprocess; on CUDA it is ``max_memory_allocated``.
+slow drifts of a shared machine cancel. Peak training memory is the growth of the bytes held by tensors over one
+step: ``max_memory_allocated`` on CUDA, torch.profiler's memory events on the CPU (:func:`step_memory`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 
 import mrconvnext
-
-ROOT = Path(__file__).resolve().parents[1]
+from mrconvnext.layers import BranchBatchNorm
 
 
 def sync(device: torch.device) -> None:
@@ -105,41 +100,33 @@ def train_step(
     return step
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def step_memory(model: torch.nn.Module, step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory (MiB) of one call of ``step`` above what exists before it: parameters, gradients and optimizer
+    state, which an untimed first call of ``step`` creates (steady-state training). Storage that ``model``'s
+    layers keep from one step to the next (the fused BatchNorm's branch workspace, CPU only) is released before
+    the measured step, so that the step allocates it, as it does where there is no workspace.
 
-
-def step_memory(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory (MiB) of one call of ``step`` above what exists before it; ``step`` runs once untimed first
-    (optimizer state and gradients exist before the measured step, as in steady-state training).
-
-    On the CPU this must run in a fresh process (:func:`step_memory_in_subprocess`): it resets this process's
-    ``VmHWM`` to the current RSS (``ru_maxrss`` would not do: Linux carries it over through fork and exec).
+    CUDA: the growth of ``max_memory_allocated``. CPU: the peak growth of the bytes held by tensors, summed from
+    torch.profiler's memory events: the counterpart of ``max_memory_allocated``, exact and repeatable, where the
+    resident set moves by hundreds of MiB with the C allocator's heap state.
     """
     step()
+    for module in model.modules():
+        if isinstance(module, BranchBatchNorm):
+            module.workspace.release()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) / 1024
-
-
-def step_memory_in_subprocess(function: str, *args: object) -> float:
-    """:func:`step_memory` of ``module.function(*args)`` (a step function factory) in a fresh CPU process."""
-    module, name = function.rsplit(".", 1)
-    code = (
-        f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from {module} import {name}; "
-        f"from benchmarks.timing import step_memory; print(json.dumps(step_memory({name}(*{args!r}), "
-        "torch.device('cpu'))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()  # negative for a release
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def machine_info(device: torch.device) -> list[str]:

@@ -10,9 +10,9 @@ Method (``benchmarks/timing.py``): every comparison runs its candidates round-ro
 after warm-up runs; the table shows the median time of each side and, as the ratio, the median over
 rounds of each round's candidate / baseline ratio (``--cpu-time``: this process's CPU time instead of wall time).
 onnxruntime sessions (target 6) use as many intra-op threads as torch, without spinning between runs; whole models
-are compared within one runtime at a time. Peak training memory is the growth of the bytes held by tensors over one
-step (``step_memory``). Target 3 (and 6) also print the floor table: each layer shape against an rfft + irfft of its input (plain, and
-over cache-sized channel blocks), with the MACs and times of the ONNX forms.
+are compared within one runtime at a time. Peak training memory is the growth of the bytes held by tensors over
+one step (``step_memory``). Target 3 (and 6) also print the floor table: each layer shape against an rfft + irfft
+of its input (plain, and over cache-sized channel blocks), with the MACs and times of the ONNX forms.
 """
 
 from __future__ import annotations

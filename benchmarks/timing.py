@@ -121,6 +121,7 @@ def step_memory(model: torch.nn.Module, step: Callable[[], None], device: torch.
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+    # every allocation and release, in order (the records torch.autograd.profiler attributes to ops)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     held = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):

@@ -524,9 +524,9 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> dict:
         model_ema.update(accelerator.unwrap_model(model), step=num_updates)
 
     run.write_config(
+        global_batch,
         lr=lr,
         drop_path=resolve_drop_path(args),
-        global_batch=global_batch,
         micro_batch=args.batch_size // args.grad_accum_steps,
         updates_per_epoch=updates_per_epoch,
         data_config=data_config,

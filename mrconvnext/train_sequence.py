@@ -244,7 +244,9 @@ def _train(args: argparse.Namespace, run: TrainingRun, splits: dict) -> dict:
         logits = model(x, lengths=lengths)
         return loss(logits, targets), targets.shape[0], {"acc": 100.0 * (logits.argmax(dim=1) == targets).sum()}
 
-    run.write_config(model_kwargs=kwargs, per_process_batch=local_batch, updates_per_epoch=updates_per_epoch)
+    run.write_config(
+        args.batch_size, model_kwargs=kwargs, per_process_batch=local_batch, updates_per_epoch=updates_per_epoch
+    )
     num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     recipe = ", ".join(f"{k} {getattr(args, k)}" for k in ("lr", "weight_decay", "kernel_lr", "batch_size", "epochs"))
     run.log(

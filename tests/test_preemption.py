@@ -26,6 +26,7 @@ import pytest
 
 from mrconvnext import train_imagenet
 from mrconvnext.demo import make_shapes_dataset
+from mrconvnext.utils.training import resume_change
 from tests.image_formats import write_formats
 from tests.processes import descendants, free_port
 
@@ -258,3 +259,19 @@ def test_an_epoch_stopped_after_its_last_update_resumes_with_its_sums(fresh_acce
              "sums": {"acc": 4200.0}}  # fmt: skip
     totals = _EpochMeter(accelerator.device, carry).totals(accelerator)
     assert totals["sums"] == {"acc": 4200.0} and totals["samples"] == 120.0 and totals["loss"] == 3.0
+
+
+def test_resume_change_names_what_moves_the_position_in_the_epoch() -> None:
+    """When a mid-epoch resume continues with the samples left (``tests/test_train_sequence.py`` runs one on
+    another number of processes), and what else it names in its warning."""
+    saved = {"world_size": 2, "global_batch": 8}
+    assert resume_change(saved, 1, 8, sharded=False) is None  # a shuffled dataset: the same global batch suffices
+    assert resume_change(saved, 2, 8, sharded=True) is None
+    assert resume_change(saved, 2, 4, sharded=False) == "the checkpoint's updates took 8 samples, this run's take 4"
+    assert (
+        resume_change(saved, 1, 8, sharded=True)
+        == "the shards are split over 2 processes in the checkpoint, 1 in this run"
+    )
+    old = {"world_size": 2}  # written before checkpoints recorded their global batch
+    assert resume_change(old, 2, 8, sharded=False) is None
+    assert "does not record its global batch" in resume_change(old, 4, 8, sharded=False)

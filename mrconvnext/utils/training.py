@@ -88,6 +88,7 @@ __all__ = [
     "default_num_threads",
     "find_checkpoints",
     "parse_args",
+    "resume_change",
     "run_main",
     "set_default_num_threads",
     "usable_cores",
@@ -339,6 +340,25 @@ def _duration(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
+def resume_change(saved: dict, world: int, global_batch: int, sharded: bool) -> str | None:
+    """What keeps a mid-epoch resume from going on with exactly the samples the interrupted run had left, or
+    None. ``saved`` is the checkpoint's ``meta.json``; this run has ``world`` processes, ``global_batch``
+    samples per update and a training set that splits itself over the processes (``sharded``) or not.
+
+    The position in an epoch is a number of updates. A shuffled dataset's loader draws one permutation per
+    epoch, the same for every number of processes (accelerate's seedable sampler), and update ``u`` takes
+    its ``u``-th run of ``global_batch`` samples: the same global batch continues exactly. Shards are split
+    over the processes, so they need the same number of processes too."""
+    saved_world = saved.get("world_size", world)
+    saved_batch = saved.get("global_batch")  # not recorded: only the number of processes is known to be the same
+    if saved_batch is not None and saved_batch != global_batch:
+        return f"the checkpoint's updates took {saved_batch} samples, this run's take {global_batch}"
+    if saved_world != world and (sharded or saved_batch is None):
+        where = "the shards are split over" if sharded else "the checkpoint does not record its global batch, for"
+        return f"{where} {saved_world} processes in the checkpoint, {world} in this run"
+    return None
+
+
 def _host_rng_states() -> tuple:
     return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
 
@@ -482,6 +502,7 @@ class TrainingRun:
         self.last_checkpoint: str | None = None  # the newest complete checkpoint of this run
         self.averaged_modules: list[nn.Module] = []  # model EMAs given to restore(): --dist-bn covers them too
         self._resume_updates, self._resume_rng = 0, None
+        self.global_batch = 0  # samples per update over all processes, from write_config
         self._eval_seconds, self._eval_history, self._epoch_walls = 0.0, [], []
         self._epoch_start = time.perf_counter()
         self._stop_signal: int | None = None
@@ -591,9 +612,12 @@ class TrainingRun:
         ranks = [i for i, f in enumerate(failed.tolist()) if f]
         return error or f"failed to load on process(es) {ranks}"
 
-    def write_config(self, **derived: Any) -> None:
-        """``args.yaml`` (the arguments, and ``derived`` under ``run:``), the trackers' config, the log."""
-        config = {**vars(self.args), "run": {**derived, "world_size": self.accelerator.num_processes}}
+    def write_config(self, global_batch: int, **derived: Any) -> None:
+        """``args.yaml`` (the arguments, and ``global_batch``, the samples of one update over all processes, and
+        ``derived`` under ``run:``), the trackers' config, the log."""
+        self.global_batch = global_batch
+        world = self.accelerator.num_processes
+        config = {**vars(self.args), "run": {"global_batch": global_batch, **derived, "world_size": world}}
         config["run"].update(mixed_precision=self.accelerator.mixed_precision, run_dir=self.run_dir)
         config = _json(config)
         if self.accelerator.is_main_process:
@@ -611,13 +635,6 @@ class TrainingRun:
             if self._resume_updates:
                 position += f", update {self._resume_updates + 1}"
             self.log(f"resumed from {self.checkpoint}: continuing at {position}")
-            saved_world = self._checkpoint_meta.get("world_size", self.accelerator.num_processes)
-            if self._resume_updates and saved_world != self.accelerator.num_processes:
-                self.log(
-                    f"warning: the checkpoint was written by {saved_world} processes, this run has "
-                    f"{self.accelerator.num_processes}: the rest of epoch {self.state.epoch + 1} is not exactly the "
-                    "samples the interrupted run had left"
-                )
 
     def prepare(self, *objects: Any) -> Any:
         """``accelerator.prepare(*objects)`` (same order and return), with two changes for data loaders: their
@@ -769,6 +786,13 @@ class TrainingRun:
         done = self._resume_updates if epoch == self.state.epoch else 0
         rng_states = self._resume_rng if done else None
         self._resume_updates, self._resume_rng = 0, None
+        sharded = getattr(getattr(loader, "dataset", None), "shards_over_processes", False)
+        change = resume_change(self._checkpoint_meta, accelerator.num_processes, self.global_batch, sharded)
+        if done and change:
+            self.log(
+                f"warning: {change}: the rest of epoch {epoch + 1} is not exactly the samples the interrupted "
+                "run had left"
+            )
         loader = self._epoch_loader(loader, epoch, done * accelerator.gradient_accumulation_steps)
         meter = _EpochMeter(accelerator.device, self.state.epoch_sums if done else None)
         if accelerator.device.type == "cuda":
@@ -964,7 +988,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             meta = {**self.resume_meta, "epoch": epoch, "epoch_updates": updates}
-            meta.update(world_size=accelerator.num_processes, files=_folder_files(tmp))
+            meta.update(world_size=accelerator.num_processes, global_batch=self.global_batch, files=_folder_files(tmp))
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
             shutil.rmtree(final, ignore_errors=True)

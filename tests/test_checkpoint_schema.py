@@ -24,7 +24,7 @@ from PIL import Image
 from timm.utils import CheckpointSaver
 
 import mrconvnext  # noqa: F401  (registers the models)
-from mrconvnext import plot, train_imagenet, train_sequence, validate
+from mrconvnext import convert, plot, train_imagenet, train_sequence, validate
 from mrconvnext.demo import make_shapes_dataset
 from mrconvnext.export import main as export_main
 from mrconvnext.utils.checkpoint import (
@@ -242,3 +242,19 @@ def test_timm_onnx_export_stops_with_a_pointer(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="python -m mrconvnext.export --format onnx"):
         onnx_export(model, str(tmp_path / "model.onnx"), input_size=(3, 32, 32), use_dynamo=False)
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"abc", b"J\xba?\x9c", b""], ids=["text", "short", "struct", "empty"])
+def test_a_file_that_is_no_checkpoint_is_named_by_every_tool(content, tmp_path, capsys) -> None:
+    """``torch.load`` of bytes that are no checkpoint raises whatever its unpickler meets (KeyError, IndexError,
+    struct.error, EOFError, ...): the one reader turns each into a CheckpointError naming the file, which the
+    tools print as their error (exit status 1), with no traceback."""
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"notes\.pth.*not a torch\.save file"):
+        read_checkpoint(path)
+    assert convert.main([str(path), str(tmp_path / "converted.pth")]) == 1
+    assert export_main(["--checkpoint", str(path), "--output", str(tmp_path / "export")]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("notes.pth" in line and "not a torch.save file" in line for line in errors)
+    assert not (tmp_path / "converted.pth").exists() and not (tmp_path / "export").exists()

@@ -30,7 +30,6 @@ import inspect
 import json
 import logging
 import os
-import pickle
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -322,8 +321,10 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> Checkpoint
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch.save file?): {e}") from e
+    except Exception as e:  # bytes that are no checkpoint fail anywhere in the unpickler (KeyError, struct.error, ...)
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} (truncated or not a torch.save file?): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(saved).__name__}, expected a dict of tensors")
     state_dict = saved if use_ema else {k: v for k, v in saved.items() if k not in ("state_dict_ema", "model_ema")}

@@ -213,6 +213,16 @@ def test_cifar_sequences_grayscale_rgb_and_splits(tmp_path):
     assert len(everything) == 20  # a partition of the five train batches
 
 
+class _Touch:
+    """Pickles as a call of ``Path.touch`` on ``path``: whoever loads it with ``pickle.load`` creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return type(self.path).touch, (self.path,)
+
+
 def test_cifar_malformed_batches(tmp_path):
     write_cifar(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
@@ -223,6 +233,20 @@ def test_cifar_malformed_batches(tmp_path):
     (folder / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataFormatError, match="data_batch_3: not a CIFAR-10 batch"):
         CifarSequences(str(tmp_path), "val", grayscale=False)
+    for garbage in (b"}cd,:0f1de\n}0ec0b1hd{\n0 121{jh", b"\x8e\xdf\xaf\xf2\xbc\x0cz\x87\xcaQ:E~"):
+        (folder / "data_batch_3").write_bytes(garbage)  # read by the unpickler as an import / an oversized int
+        with pytest.raises(DataFormatError, match="data_batch_3: not a CIFAR-10 batch"):
+            CifarSequences(str(tmp_path), "val", grayscale=False)
+    # a pickle that calls a function when loaded: refused before the call, naming the function
+    (folder / "data_batch_3").write_bytes(pickle.dumps(_Touch(tmp_path / "ran")))
+    with pytest.raises(DataFormatError, match=r"data_batch_3: not a CIFAR-10 batch .*pathlib\..*touch"):
+        CifarSequences(str(tmp_path), "val", grayscale=False)
+    assert not (tmp_path / "ran").exists()
+    for protocol in (2, 4, 5):  # the release's protocol 2 (Python 2), and what numpy writes with later ones
+        with open(folder / "data_batch_3", "wb") as f:
+            pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 9]}, f, protocol=protocol)
+        sizes = [len(CifarSequences(str(tmp_path), split, grayscale=True)) for split in ("train", "val")]
+        assert sum(sizes) == 4 * 4 + 2  # four batches of the fixture's 4 and this one's 2
     os.remove(folder / "test_batch")
     with pytest.raises(DataFormatError, match=r"missing file .*test_batch.*cifar-10-batches-py"):
         CifarSequences(str(tmp_path), "test", grayscale=True)

@@ -29,12 +29,31 @@ _GRAY_STATS = (122.6 / 255.0, 61.0 / 255.0)
 _RGB_STATS = (torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616]))
 
 
+# the globals a batch's numpy arrays unpickle with (numpy 1 and 2 module names, pickle protocols 2 to 5; Python 3
+# writes bytes as _codecs.encode(str, 'latin1') in protocol 2)
+_BATCH_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"numpy.{core}.{module}", name)
+    for core in ("core", "_core")
+    for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Plain containers and numpy arrays only: a file naming any other global is refused before it is called
+    (``pickle.load`` would call it)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR-10 batch holds")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _BatchUnpickler(f, encoding="latin1").load()
         data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # bytes that are no batch fail anywhere in the unpickler (ImportError, OverflowError, ...)
         raise DataFormatError(
             f"{path}: not a CIFAR-10 batch ({type(err).__name__}: {err}); expected a pickled dict with 'data' "
             f"(N, 3072) uint8 and 'labels' ({LAYOUT})"

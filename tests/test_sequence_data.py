@@ -2,6 +2,7 @@
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,6 +328,11 @@ def test_speech_commands_malformed(tmp_path):
     test = SpeechCommands(str(tmp_path), "test")
     (tmp_path / "bed" / "00000001_nohash_0.wav").write_bytes(b"RIFF garbage")
     index = test.files.index(str(tmp_path / "bed" / "00000001_nohash_0.wav"))
+    with pytest.raises(DataFormatError, match=r"bed.00000001_nohash_0\.wav: unreadable wav"):
+        test[index]
+    header = bytearray(Path(test.files[(index + 1) % len(test.files)]).read_bytes())  # another, good wav
+    header[16:20] = (0x20000).to_bytes(4, "little")  # a fmt chunk longer than the file: wave raises RuntimeError
+    (tmp_path / "bed" / "00000001_nohash_0.wav").write_bytes(bytes(header))
     with pytest.raises(DataFormatError, match=r"bed.00000001_nohash_0\.wav: unreadable wav"):
         test[index]
     write_wav(str(tmp_path / "bed" / "00000001_nohash_0.wav"), np.zeros(16000), rate=8000)

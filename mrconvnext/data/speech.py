@@ -38,7 +38,7 @@ def read_wav(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         with wave.open(path, "rb") as f:
             channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
             data = f.readframes(frames)
-    except (wave.Error, EOFError, OSError) as err:
+    except (wave.Error, EOFError, OSError, RuntimeError) as err:  # RuntimeError: a chunk size past the end
         raise DataFormatError(f"{path}: unreadable wav ({err}); expected 16-bit mono PCM at {sample_rate} Hz") from err
     if (channels, width, rate) != (1, 2, sample_rate):
         raise DataFormatError(

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from mrconvnext import train_imagenet
 from mrconvnext.data import DataFormatError
 from mrconvnext.data.images import (
+    HfDiskImageDataset,
     ParquetShardReader,
     ShardedImageDataset,
     TarShardReader,
@@ -320,6 +321,20 @@ def test_missing_shards_are_a_preflight_error(formats, tmp_path, fresh_accelerat
     with pytest.raises(PreflightError, match="webdataset folder .* does not exist"):
         train_imagenet.train([*args, "--data-dir", str(tmp_path / "nope")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_save_to_disk_folder_names_itself(formats, tmp_path) -> None:
+    """``datasets.load_from_disk`` fails on a damaged folder with whatever it meets (KeyError for a ``state.json``
+    without its file list, an arrow error for a cut data file): one DataFormatError naming the folder."""
+    for damage in ("state", "arrow"):
+        damaged = tmp_path / damage
+        shutil.copytree(formats["hfds"], damaged)
+        if damage == "state":
+            (damaged / "train" / "state.json").write_text("{}")
+        for arrow in (damaged / "train").glob("*.arrow") if damage == "arrow" else ():
+            arrow.write_bytes(arrow.read_bytes()[:100])
+        with pytest.raises(DataFormatError, match=rf"{re.escape(str(damaged / 'train'))}.* is not a dataset written"):
+            HfDiskImageDataset(str(damaged), "train")
 
 
 if __name__ == "__main__":  # under torchrun: test_two_processes_validate_as_the_folder_and_train_on_hfds

@@ -530,9 +530,10 @@ class HfDiskImageDataset(Dataset):
         path = os.path.join(root, split) if os.path.isfile(os.path.join(root, split, "state.json")) else root
         try:
             loaded = datasets.load_from_disk(path)
-        except (FileNotFoundError, ValueError) as e:
+        except Exception as e:  # a damaged folder fails anywhere in datasets (KeyError, arrow errors, ...)
             raise DataFormatError(
-                f"{path!r} is not a dataset written by datasets' save_to_disk (dataset_dict.json or state.json): {e}"
+                f"{path!r} is not a dataset written by datasets' save_to_disk (dataset_dict.json or state.json): "
+                f"{type(e).__name__}: {e}"
             ) from e
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:

@@ -114,6 +114,20 @@ def test_listops_malformed_files(tmp_path, content, message):
     assert "basic_val.tsv" in str(info.value)
 
 
+def test_text_files_that_are_not_text_name_themselves(tmp_path):
+    """A binary file where a text file belongs (a numpy .npy where Pathfinder's metadata lists are text, bytes
+    that are no UTF-8): a DataFormatError naming the file, not a UnicodeDecodeError."""
+    (tmp_path / "basic_val.tsv").write_bytes(b"Source\tTarget\n( [MAX 1 \xff ] )\t2\n")
+    with pytest.raises(DataFormatError, match=r"basic_val\.tsv: not UTF-8 text"):
+        ListOps(str(tmp_path), "val", 16)
+    write_pathfinder(tmp_path)
+    metadata = tmp_path / "pathfinder32" / "curv_contour_length_14" / "metadata" / "0.npy"
+    with open(metadata, "wb") as f:
+        np.save(f, np.arange(20.0))
+    with pytest.raises(DataFormatError, match=r"0\.npy: not UTF-8 text"):
+        Pathfinder(str(tmp_path), "train")
+
+
 def test_listops_missing_split_names_file_and_release(tmp_path):
     write_tsv(tmp_path / "basic_train.tsv", "Source\tTarget\n1\t1\n")
     with pytest.raises(DataFormatError, match="basic_test.tsv") as info:

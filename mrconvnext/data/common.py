@@ -1,9 +1,9 @@
-"""Shared pieces of the sequence-task readers: the error type, split names, token padding."""
+"""Shared pieces of the sequence-task readers: the error type, split names, text files, token padding."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -33,6 +33,16 @@ def require_file(path: str, what: str, layout: str, source: str) -> str:
     if not os.path.isfile(path):
         raise DataFormatError(f"{what}: missing file {path!r}; expected {layout} (from {source})")
     return path
+
+
+def text_lines(path: str, layout: str) -> Iterator[str]:
+    """The lines of the UTF-8 text file ``path``, line ends kept (``newline=""``, as ``csv`` wants them); a file
+    that is no UTF-8 text (a binary file in its place) is a :class:`DataFormatError` naming it."""
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{path}: not UTF-8 text ({err}); expected {layout}") from err
 
 
 def pad_tokens(ids: Sequence[int], length: int) -> tuple[torch.Tensor, int]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import DataFormatError, check_split, find_dir, pad_tokens, require_file
+from .common import DataFormatError, check_split, find_dir, pad_tokens, require_file, text_lines
 
 __all__ = [
     "LISTOPS_VOCAB",
@@ -89,16 +89,15 @@ class ListOps(Dataset):
         self.max_len = max_len
         self.sources: list[str] = []
         self.targets: list[int] = []
-        with open(self.path, newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header != ["Source", "Target"]:
-                raise DataFormatError(f"{self.path}: header {header!r}, expected ['Source', 'Target'] ({self.layout})")
-            for line, row in enumerate(reader, start=2):
-                if len(row) != 2:
-                    raise DataFormatError(f"{self.path}, line {line}: {len(row)} columns, expected 2 ({self.layout})")
-                self.targets.append(_parse_label(row[1], self.num_classes, self.path, line, self.layout))
-                self.sources.append(row[0])
+        reader = csv.reader(text_lines(self.path, self.layout), delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header != ["Source", "Target"]:
+            raise DataFormatError(f"{self.path}: header {header!r}, expected ['Source', 'Target'] ({self.layout})")
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 2:
+                raise DataFormatError(f"{self.path}, line {line}: {len(row)} columns, expected 2 ({self.layout})")
+            self.targets.append(_parse_label(row[1], self.num_classes, self.path, line, self.layout))
+            self.sources.append(row[0])
         if not self.sources:
             raise DataFormatError(f"{self.path}: no examples ({self.layout})")
 
@@ -214,15 +213,14 @@ class Pathfinder(Dataset):
         samples: list[tuple[str, int]] = []
         for name in files:
             path = os.path.join(metadata, name)
-            with open(path) as f:
-                for line, text in enumerate(f, start=1):
-                    fields = text.split()
-                    if not fields:
-                        continue
-                    if len(fields) < 4:
-                        raise DataFormatError(f"{path}, line {line}: {len(fields)} fields, expected {self.layout}")
-                    label = _parse_label(fields[3], self.num_classes, path, line, self.layout)
-                    samples.append((os.path.join(self.directory, fields[0], fields[1]), label))
+            for line, text in enumerate(text_lines(path, self.layout), start=1):
+                fields = text.split()
+                if not fields:
+                    continue
+                if len(fields) < 4:
+                    raise DataFormatError(f"{path}, line {line}: {len(fields)} fields, expected {self.layout}")
+                label = _parse_label(fields[3], self.num_classes, path, line, self.layout)
+                samples.append((os.path.join(self.directory, fields[0], fields[1]), label))
         if not samples:
             raise DataFormatError(f"Pathfinder: the metadata files in {metadata!r} list no images")
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(42)).tolist()

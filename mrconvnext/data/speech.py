@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import DataFormatError, check_split, find_dir, require_file
+from .common import DataFormatError, check_split, find_dir, require_file, text_lines
 
 __all__ = ["SPEECH_COMMANDS", "SpeechCommands", "read_wav"]
 
@@ -61,8 +61,7 @@ class SpeechCommands(Dataset):
         lists = {}
         for name, list_split in (("validation_list.txt", "val"), ("testing_list.txt", "test")):
             path = require_file(os.path.join(self.root, name), "Speech Commands", LAYOUT, SPEECH_SOURCE)
-            with open(path) as f:
-                lists[list_split] = [line.strip() for line in f if line.strip()]
+            lists[list_split] = [line.strip() for line in text_lines(path, LAYOUT) if line.strip()]
         missing = [w for w in SPEECH_COMMANDS if not os.path.isdir(os.path.join(self.root, w))]
         if missing:
             raise DataFormatError(

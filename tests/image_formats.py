@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 SPLITS = {"train": "train", "val": "validation"}  # folder split -> split name in the shard formats
@@ -115,3 +117,14 @@ def write_formats(folder: Path, out: Path) -> dict[str, Path]:
     write_wds_info(out / "wds", wds)
     write_hf_disk(samples, classes, out / "hfds")
     return {"wds": out / "wds", "parquet": out / "parquet", "hfds": out / "hfds"}
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header declares 20000 x 20000 pixels (over twice PIL's decompression-bomb limit) around almost no
+    data: PIL refuses it with ``DecompressionBombError``, which is not an ``OSError``."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")

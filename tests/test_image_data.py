@@ -36,12 +36,14 @@ from mrconvnext.data.images import (
     ParquetShardReader,
     ShardedImageDataset,
     TarShardReader,
+    create_image_dataset,
     list_parquet_shards,
     list_tar_shards,
 )
 from mrconvnext.demo import make_shapes_dataset
+from mrconvnext.utils.evaluation import UNREADABLE_TARGET
 from mrconvnext.utils.training import TrainingRun
-from tests.image_formats import write_formats, write_parquet, write_wds, write_wds_info
+from tests.image_formats import bomb_png, write_formats, write_parquet, write_wds, write_wds_info
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IDS = 48
@@ -182,6 +184,23 @@ def test_malformed_record_names_the_file(members, message, tmp_path) -> None:
     path = re.escape(str(tmp_path / "imagenet1k-train-0000.tar"))
     with pytest.raises(DataFormatError, match=rf"{path}: {re.escape(message)}"):
         list_tar_shards(str(tmp_path), "train")
+
+
+def test_an_image_pil_refuses_is_unreadable_in_the_folder_and_the_shards(tmp_path) -> None:
+    """The image folder marks it unreadable (evaluation leaves it out), a shard names it in a DataFormatError, as
+    for a truncated image."""
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    (tmp_path / "folder" / "a" / "0.png").write_bytes(bomb_png())
+    (tmp_path / "folder" / "a" / "1.png").write_bytes(_id_image(1))
+    folder = create_image_dataset("", str(tmp_path / "folder"), "validation", train=False, transform=None, batch_size=1)
+    assert [target for _, target in folder] == [UNREADABLE_TARGET, 0]
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "imagenet1k-validation-0000.tar", {"a.png": bomb_png(), "a.cls": b"0"})
+    shards = create_image_dataset("wds", str(tmp_path / "wds"), "validation", train=False, transform=None, batch_size=1)
+    with pytest.raises(
+        DataFormatError, match=r"imagenet1k-validation-0000\.tar: cannot decode the image of sample 'a'"
+    ):
+        list(shards)
 
 
 def test_shard_metadata_that_does_not_match_the_shard(id_shards, tmp_path) -> None:

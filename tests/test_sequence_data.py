@@ -22,6 +22,7 @@ from mrconvnext.data import (
 )
 from mrconvnext.data.listops_generator import generate_listops
 
+from .image_formats import bomb_png
 from .sequence_fixtures import (
     write_aan,
     write_cifar,
@@ -311,6 +312,9 @@ def test_pathfinder_malformed(tmp_path):
         dataset[0]
     with open(dataset.samples[1][0], "wb") as f:
         f.write(b"broken")
+    with pytest.raises(DataFormatError, match="cannot read image"):
+        dataset[1]
+    Path(dataset.samples[1][0]).write_bytes(bomb_png())  # over PIL's decompression-bomb limit: not an OSError
     with pytest.raises(DataFormatError, match="cannot read image"):
         dataset[1]
     with pytest.raises(DataFormatError, match=r"missing folder .*curv_baseline.metadata"):

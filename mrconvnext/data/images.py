@@ -59,7 +59,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..utils.evaluation import PADDING_TARGET, ImageFolderDataset
+from ..utils.evaluation import PADDING_TARGET, UNREADABLE_IMAGE, ImageFolderDataset
 from .common import DataFormatError
 
 __all__ = [
@@ -142,7 +142,7 @@ def _decode(data: bytes, path: str, key: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")  # decodes every pixel: a damaged image fails here
-    except (OSError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise DataFormatError(f"{path}: cannot decode the image of sample {key!r}: {e}") from e
 
 

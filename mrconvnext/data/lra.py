@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..utils.evaluation import UNREADABLE_IMAGE
 from .common import DataFormatError, check_split, find_dir, pad_tokens, require_file, text_lines
 
 __all__ = [
@@ -242,7 +243,7 @@ class Pathfinder(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = np.asarray(image.convert("L"), dtype=np.float32)
-        except OSError as err:
+        except UNREADABLE_IMAGE as err:
             raise DataFormatError(f"Pathfinder: cannot read image {path!r} ({err}); expected {self.layout}") from err
         if pixels.shape != (self.resolution, self.resolution):
             raise DataFormatError(

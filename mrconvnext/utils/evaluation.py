@@ -20,6 +20,9 @@ _logger = logging.getLogger(__name__)
 EVAL_SPLIT_DIRS = ("val", "validation", "valid", "eval", "evaluation", "test")
 UNREADABLE_TARGET = -1  # an image evaluation could not read (ImageFolderDataset): left out, counted as skipped
 PADDING_TARGET = -2  # a sharded dataset's repeat that evens out the processes' shares: left out, not counted
+# what PIL raises for an image it cannot decode: damaged files (OSError, some ValueErrors) and sizes over its
+# decompression-bomb limit
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 _MAX_UNREADABLE = 10  # consecutive unreadable training images before the loader gives up (timm's default)
 
 
@@ -118,7 +121,7 @@ class ImageFolderDataset(ImageDataset):
             try:
                 img, target = self._load(index)
                 break
-            except OSError as e:
+            except UNREADABLE_IMAGE as e:
                 path = self.filename(index, absolute=True)
                 if self.unreadable == "mark":
                     _logger.warning(f"skipped unreadable image {path!r}: {e}")

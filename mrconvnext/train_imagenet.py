@@ -60,7 +60,14 @@ from mrconvnext.utils.checkpoint import (
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
 from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
+from mrconvnext.utils.training import (
+    PreflightError,
+    TrainingRun,
+    add_run_arguments,
+    check_flags,
+    parse_args,
+    run_main,
+)
 
 # Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
 # commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop
@@ -231,6 +238,7 @@ def preflight(args: argparse.Namespace) -> None:
         close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
+    check_flags(args, fractions=("drop", "drop_path"))
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"

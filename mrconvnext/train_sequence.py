@@ -42,7 +42,14 @@ from mrconvnext.utils.checkpoint import ModelArgumentError, create_model_checked
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
+from mrconvnext.utils.training import (
+    PreflightError,
+    TrainingRun,
+    add_run_arguments,
+    check_flags,
+    parse_args,
+    run_main,
+)
 
 # Tables 5 and 6 (identical in these columns for the base and large models): global lr, weight decay, batch
 # size and epochs per task; the kernel lr is 0.001 without weight decay throughout (Appendix D.1.1).
@@ -144,9 +151,7 @@ def preflight(args: argparse.Namespace) -> dict:
     task_models = timm.list_models(f"mrconv_{args.task}_*")
     if args.model not in task_models:
         raise PreflightError(f"--model {args.model!r} is not a {args.task} model; expected one of {task_models}")
-    for name in ("lr", "kernel_lr", "batch_size", "epochs", "seq_len"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise PreflightError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_flags(args, positive=("lr", "kernel_lr", "batch_size", "epochs", "seq_len"), fractions=("drop",))
     if args.seq_len is not None and args.task not in TOKEN_TASKS:
         raise PreflightError(f"--seq-len applies to the token tasks {TOKEN_TASKS}; {args.task} has a fixed length")
     config = timm.models.get_pretrained_cfg(args.model)

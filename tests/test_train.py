@@ -285,6 +285,19 @@ def test_cli_reports_preflight_error(tmp_path):
     assert "train_imagenet.py: error: data directory" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_flags_out_of_range(data_dir, tmp_path):
+    """Values that crashed later (a modulo by 0, a DataLoader or Dropout ValueError) or checkpointed every update
+    (--checkpoint-every -1) are preflight errors naming the flag."""
+    for flag, value, message in [
+        ("--log-interval", "0", "--log-interval must be positive, got 0"),
+        ("--checkpoint-every", "-2", "--checkpoint-every must be non-negative, got -2"),
+        ("--preempt-grace", "-1", "--preempt-grace must be non-negative, got -1.0"),
+        ("--workers", "-1", "--workers must be non-negative, got -1"),
+        ("--drop-path", "1", "--drop-path must be in [0, 1), got 1.0"),
+    ]:
+        assert message in _preflight_error(["--data-dir", str(data_dir), flag, value], tmp_path)
+
+
 def test_kernel_lr_needs_mrconv_layers(data_dir, tmp_path):
     args = ["--data-dir", str(data_dir), "--model", "convnext_atto", "--kernel-lr", "1e-4"]
     assert "convnext_atto has no MRConv layers" in _preflight_error(args, tmp_path)

@@ -255,6 +255,10 @@ def test_preflight_errors_before_anything_is_written(listops_dir, tmp_path):
         (["--lr", "0"], "--lr must be positive"),
         (["--seq-len", "16", "--task", "image"], "--seq-len applies to the token tasks"),
         (["-b", "500"], "120 training examples are fewer than one batch (500)"),
+        (["--log-interval", "0"], "--log-interval must be positive, got 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be non-negative, got -1"),
+        (["-j", "-1"], "--workers must be non-negative, got -1"),
+        (["--drop", "1.5"], "--drop must be in [0, 1), got 1.5"),
     ]
     for extra, message in cases:
         with pytest.raises(PreflightError) as info:

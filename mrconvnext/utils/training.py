@@ -83,6 +83,7 @@ __all__ = [
     "TrainingError",
     "TrainingRun",
     "add_run_arguments",
+    "check_flags",
     "checkpoint_name",
     "checkpoint_problem",
     "default_num_threads",
@@ -189,7 +190,32 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         parser.set_defaults(**{k: v for k, v in values.items() if k in flags})
     args = parser.parse_args(argv)
     args.config = known.config
+    check_flags(args, positive=("log_interval",), non_negative=_NON_NEGATIVE_RUN_FLAGS)
     return args
+
+
+_NON_NEGATIVE_RUN_FLAGS = ("checkpoint_every", "checkpoint_hist", "preempt_grace", "workers")
+
+
+def check_flags(
+    args: argparse.Namespace,
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+) -> None:
+    """A :class:`PreflightError` naming the first flag out of its range: ``positive``, ``non_negative``, or a
+    fraction (a dropout rate) in ``[0, 1)``, from the command line or a ``--config`` file alike; flags that are
+    None (unset, or not a flag of this script) are not checked."""
+    checks = (
+        (positive, lambda v: v > 0, "positive"),
+        (non_negative, lambda v: v >= 0, "non-negative"),
+        (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    for names, valid, expected in checks:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not valid(value):
+                raise PreflightError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
 
 
 def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:

@@ -238,7 +238,13 @@ def preflight(args: argparse.Namespace) -> None:
         close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
-    check_flags(args, fractions=("drop", "drop_path"))
+    check_flags(
+        args,
+        positive="batch_size grad_accum_steps epochs img_size lr_base_size crop_pct".split(),
+        non_negative="lr lr_base min_lr warmup_lr warmup_epochs weight_decay clip_grad mixup cutmix".split(),
+        fractions="drop drop_path smoothing".split(),
+        probabilities="reprob mixup_prob mixup_switch_prob".split(),
+    )
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"

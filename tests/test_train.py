@@ -286,14 +286,29 @@ def test_cli_reports_preflight_error(tmp_path):
 
 
 def test_run_flags_out_of_range(data_dir, tmp_path):
-    """Values that crashed later (a modulo by 0, a DataLoader or Dropout ValueError) or checkpointed every update
-    (--checkpoint-every -1) are preflight errors naming the flag."""
+    """Values that crashed later (a modulo or division by 0, an AssertionError in timm, a DataLoader, Dropout or
+    optimizer ValueError), checkpointed every update (--checkpoint-every -1) or trained with something else than
+    asked (a negative weight decay or mixup alpha, a random-erasing probability of 2) are preflight errors naming
+    the flag."""
     for flag, value, message in [
         ("--log-interval", "0", "--log-interval must be positive, got 0"),
         ("--checkpoint-every", "-2", "--checkpoint-every must be non-negative, got -2"),
         ("--preempt-grace", "-1", "--preempt-grace must be non-negative, got -1.0"),
         ("--workers", "-1", "--workers must be non-negative, got -1"),
         ("--drop-path", "1", "--drop-path must be in [0, 1), got 1.0"),
+        ("--batch-size", "0", "--batch-size must be positive, got 0"),
+        ("--grad-accum-steps", "0", "--grad-accum-steps must be positive, got 0"),
+        ("--epochs", "0", "--epochs must be positive, got 0"),
+        ("--img-size", "0", "--img-size must be positive, got 0"),
+        ("--lr", "-1", "--lr must be non-negative, got -1.0"),  # 0 is allowed: weights as loaded
+        ("--lr-base-size", "0", "--lr-base-size must be positive, got 0"),
+        ("--min-lr", "-1", "--min-lr must be non-negative, got -1.0"),
+        ("--warmup-epochs", "-1", "--warmup-epochs must be non-negative, got -1"),
+        ("--weight-decay", "-1", "--weight-decay must be non-negative, got -1.0"),
+        ("--mixup", "-1", "--mixup must be non-negative, got -1.0"),
+        ("--reprob", "2", "--reprob must be in [0, 1], got 2.0"),
+        ("--smoothing", "1.5", "--smoothing must be in [0, 1), got 1.5"),
+        ("--crop-pct", "0", "--crop-pct must be positive, got 0.0"),
     ]:
         assert message in _preflight_error(["--data-dir", str(data_dir), flag, value], tmp_path)
 

@@ -202,14 +202,16 @@ def check_flags(
     positive: Sequence[str] = (),
     non_negative: Sequence[str] = (),
     fractions: Sequence[str] = (),
+    probabilities: Sequence[str] = (),
 ) -> None:
-    """A :class:`PreflightError` naming the first flag out of its range: ``positive``, ``non_negative``, or a
-    fraction (a dropout rate) in ``[0, 1)``, from the command line or a ``--config`` file alike; flags that are
-    None (unset, or not a flag of this script) are not checked."""
+    """A :class:`PreflightError` naming the first flag out of its range: ``positive``, ``non_negative``, a
+    fraction in ``[0, 1)`` (a dropout rate) or a probability in ``[0, 1]``, from the command line or a
+    ``--config`` file alike; flags that are None (unset, or not a flag of this script) are not checked."""
     checks = (
         (positive, lambda v: v > 0, "positive"),
         (non_negative, lambda v: v >= 0, "non-negative"),
         (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
+        (probabilities, lambda v: 0 <= v <= 1, "in [0, 1]"),
     )
     for names, valid, expected in checks:
         for name in names:

@@ -151,7 +151,12 @@ def preflight(args: argparse.Namespace) -> dict:
     task_models = timm.list_models(f"mrconv_{args.task}_*")
     if args.model not in task_models:
         raise PreflightError(f"--model {args.model!r} is not a {args.task} model; expected one of {task_models}")
-    check_flags(args, positive=("lr", "kernel_lr", "batch_size", "epochs", "seq_len"), fractions=("drop",))
+    check_flags(
+        args,
+        positive="lr kernel_lr batch_size epochs seq_len".split(),
+        non_negative="weight_decay kernel_weight_decay warmup_epochs min_lr clip_grad".split(),
+        fractions=["drop"],
+    )
     if args.seq_len is not None and args.task not in TOKEN_TASKS:
         raise PreflightError(f"--seq-len applies to the token tasks {TOKEN_TASKS}; {args.task} has a fixed length")
     config = timm.models.get_pretrained_cfg(args.model)

@@ -259,6 +259,7 @@ def test_preflight_errors_before_anything_is_written(listops_dir, tmp_path):
         (["--checkpoint-every", "-1"], "--checkpoint-every must be non-negative, got -1"),
         (["-j", "-1"], "--workers must be non-negative, got -1"),
         (["--drop", "1.5"], "--drop must be in [0, 1), got 1.5"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be non-negative, got -0.1"),
     ]
     for extra, message in cases:
         with pytest.raises(PreflightError) as info:

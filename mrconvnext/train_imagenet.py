@@ -57,14 +57,13 @@ from mrconvnext.utils.checkpoint import (
     create_model_checked,
     create_model_from_checkpoint,
 )
-from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import (
     PreflightError,
     TrainingRun,
     add_run_arguments,
-    check_flags,
     parse_args,
     run_main,
 )
@@ -238,13 +237,15 @@ def preflight(args: argparse.Namespace) -> None:
         close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
-    check_flags(
+    problem = out_of_range(
         args,
         positive="batch_size grad_accum_steps epochs img_size lr_base_size crop_pct".split(),
         non_negative="lr lr_base min_lr warmup_lr warmup_epochs weight_decay clip_grad mixup cutmix".split(),
         fractions="drop drop_path smoothing".split(),
         probabilities="reprob mixup_prob mixup_switch_prob".split(),
     )
+    if problem:
+        raise PreflightError(problem)
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"

@@ -39,14 +39,13 @@ import mrconvnext  # noqa: F401  (registers the models with timm)
 from mrconvnext.data import TASKS, DataFormatError, create_dataset
 from mrconvnext.layers.mrconv import BRANCH_NORMS
 from mrconvnext.utils.checkpoint import ModelArgumentError, create_model_checked, read_checkpoint
-from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import (
     PreflightError,
     TrainingRun,
     add_run_arguments,
-    check_flags,
     parse_args,
     run_main,
 )
@@ -151,12 +150,14 @@ def preflight(args: argparse.Namespace) -> dict:
     task_models = timm.list_models(f"mrconv_{args.task}_*")
     if args.model not in task_models:
         raise PreflightError(f"--model {args.model!r} is not a {args.task} model; expected one of {task_models}")
-    check_flags(
+    problem = out_of_range(
         args,
         positive="lr kernel_lr batch_size epochs seq_len".split(),
         non_negative="weight_decay kernel_weight_decay warmup_epochs min_lr clip_grad".split(),
         fractions=["drop"],
     )
+    if problem:
+        raise PreflightError(problem)
     if args.seq_len is not None and args.task not in TOKEN_TASKS:
         raise PreflightError(f"--seq-len applies to the token tasks {TOKEN_TASKS}; {args.task} has a fixed length")
     config = timm.models.get_pretrained_cfg(args.model)

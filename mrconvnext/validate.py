@@ -44,7 +44,7 @@ from tqdm import tqdm
 from mrconvnext.data import DataFormatError
 from mrconvnext.data.images import create_image_dataset
 from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
-from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument
+from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.evaluation import (
     ImageFolderDataset,
     MetricSums,
@@ -399,6 +399,9 @@ def write_results(path: str, rows: list[dict]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    problem = out_of_range(args, positive="batch_size img_size crop_pct".split(), non_negative=["workers"])
+    if problem:
+        raise UsageError(problem)
     entries = model_entries(args)
     if args.results_file:
         read_results(args.results_file)  # fail before evaluating, not after

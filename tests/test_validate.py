@@ -371,3 +371,17 @@ def test_torchrun_two_processes_validate_shards_once(shard_formats, checkpoint, 
 def test_a_missing_split_of_shards_is_reported(capsys, shard_formats, checkpoint) -> None:
     assert validate.main(_argv(shard_formats["wds"], checkpoint, "--dataset", "wds", "--split", "val")) == 1
     assert "validate.py: error: " in (err := capsys.readouterr().err) and "no split 'val'" in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--batch-size", "0", "--batch-size must be positive, got 0"),
+        ("--img-size", "0", "--img-size must be positive, got 0"),
+        ("--workers", "-1", "--workers must be non-negative, got -1"),
+    ],
+)
+def test_flags_out_of_range_are_reported(capsys, data_root, checkpoint, flag, value, message) -> None:
+    """Values PyTorch or timm would have refused with a traceback deep inside the loader or the transforms."""
+    assert validate.main([*_argv(data_root, checkpoint), flag, value]) == 1
+    assert f"validate.py: error: {message}" in capsys.readouterr().err

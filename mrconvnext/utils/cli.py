@@ -1,4 +1,5 @@
-"""Command-line pieces every tool shares: the ``--help`` layout and ``--model-kwargs KEY=VALUE`` parsing."""
+"""Command-line pieces every tool shares: the ``--help`` layout, ``--model-kwargs KEY=VALUE`` parsing and the
+ranges of numeric flags."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from timm.utils import ParseKwargs as _TimmParseKwargs
 
-__all__ = ["HelpFormatter", "ParseKwargs", "add_model_kwargs_argument"]
+__all__ = ["HelpFormatter", "ParseKwargs", "add_model_kwargs_argument", "out_of_range"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,3 +64,28 @@ def add_model_kwargs_argument(
 ) -> None:
     """``--model-kwargs KEY=VALUE ...`` (:class:`ParseKwargs`), as every tool spells it."""
     parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help=help)
+
+
+def out_of_range(
+    args: argparse.Namespace,
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+    probabilities: Sequence[str] = (),
+) -> str | None:
+    """What is wrong with the first flag out of its range (``positive``, ``non_negative``, a fraction in ``[0, 1)``
+    such as a dropout rate, a probability in ``[0, 1]``), or None. Checked on the parsed values, so a ``--config``
+    file's too; flags that are None (unset, or not a flag of this tool) are not checked. Each tool raises it as
+    its own error (one line, no traceback)."""
+    checks = (
+        (positive, lambda v: v > 0, "positive"),
+        (non_negative, lambda v: v >= 0, "non-negative"),
+        (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
+        (probabilities, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    )
+    for names, valid, expected in checks:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not valid(value):
+                return f"--{name.replace('_', '-')} must be {expected}, got {value}"
+    return None

@@ -68,6 +68,7 @@ from torch.utils.data import DataLoader
 
 from ..data.common import DataFormatError
 from .checkpoint import checkpoint_record, save_checkpoint_file
+from .cli import out_of_range
 from .evaluation import MetricSums, sample_metrics
 from .files import atomic_path
 
@@ -83,7 +84,6 @@ __all__ = [
     "TrainingError",
     "TrainingRun",
     "add_run_arguments",
-    "check_flags",
     "checkpoint_name",
     "checkpoint_problem",
     "default_num_threads",
@@ -190,34 +190,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         parser.set_defaults(**{k: v for k, v in values.items() if k in flags})
     args = parser.parse_args(argv)
     args.config = known.config
-    check_flags(args, positive=("log_interval",), non_negative=_NON_NEGATIVE_RUN_FLAGS)
+    problem = out_of_range(args, positive=["log_interval"], non_negative=_NON_NEGATIVE_RUN_FLAGS)
+    if problem:
+        raise PreflightError(problem)
     return args
 
 
 _NON_NEGATIVE_RUN_FLAGS = ("checkpoint_every", "checkpoint_hist", "preempt_grace", "workers")
-
-
-def check_flags(
-    args: argparse.Namespace,
-    positive: Sequence[str] = (),
-    non_negative: Sequence[str] = (),
-    fractions: Sequence[str] = (),
-    probabilities: Sequence[str] = (),
-) -> None:
-    """A :class:`PreflightError` naming the first flag out of its range: ``positive``, ``non_negative``, a
-    fraction in ``[0, 1)`` (a dropout rate) or a probability in ``[0, 1]``, from the command line or a
-    ``--config`` file alike; flags that are None (unset, or not a flag of this script) are not checked."""
-    checks = (
-        (positive, lambda v: v > 0, "positive"),
-        (non_negative, lambda v: v >= 0, "non-negative"),
-        (fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
-        (probabilities, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    )
-    for names, valid, expected in checks:
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not valid(value):
-                raise PreflightError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
 
 
 def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:

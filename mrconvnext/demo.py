@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .utils.cli import HelpFormatter
+from .utils.cli import HelpFormatter, out_of_range
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -95,9 +95,13 @@ def make_shapes_dataset(
 
 
 def _run(module: str, args: list[str]) -> float:
+    """``python -m module args`` as a user would type it; a failed step ends the demo with one line (the step's
+    own error is above it)."""
     print("$ python -m", module, " ".join(args), flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
+    status = subprocess.run([sys.executable, "-m", module, *args]).returncode
+    if status:
+        raise SystemExit(f"mrconvnext.demo: error: python -m {module} exited with status {status}")
     return time.perf_counter() - start
 
 
@@ -113,7 +117,11 @@ def create_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = create_parser().parse_args(argv)
+    parser = create_parser()
+    args = parser.parse_args(argv)
+    problem = out_of_range(args, positive=["img_size", "epochs"])
+    if problem:
+        parser.error(problem)
 
     start = time.perf_counter()
     data_dir = make_shapes_dataset(Path(args.output) / "shapes", size=args.img_size)

@@ -197,3 +197,17 @@ def test_convert_with_a_missing_input_or_output_folder(tmp_path, capsys) -> None
     output = tmp_path / "new" / "folder" / "mrconvnext.pth"
     assert convert.main([str(source), str(output), "--model", "mrconvnext_atto", "--img-size", "32"]) == 0
     assert read_checkpoint(output).arch == "mrconvnext_atto"
+
+
+def test_demo_reports_bad_flags_and_a_failed_step_in_one_line(tmp_path, capsys) -> None:
+    """A size or epoch count out of range is a usage error before anything is written; a step that fails (an unknown
+    model here) ends the demo with one line naming the step, after that step's own error, not a traceback."""
+    from mrconvnext import demo
+
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--output", str(tmp_path / "out"), "--img-size", "0"])
+    assert info.value.code == 2 and "--img-size must be positive, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--output", str(tmp_path / "out"), "--model", "mrconvnext_huge"])
+    assert info.value.code == "mrconvnext.demo: error: python -m mrconvnext.train_imagenet exited with status 1"

@@ -33,7 +33,7 @@ import torch.nn as nn
 from .layers.mrconv import MRConv
 from .models.mrconvnext import MRConvNeXt
 from .utils.checkpoint import CheckpointError, add_checkpoint_arguments, create_model_from_checkpoint, is_mrconv_model
-from .utils.cli import HelpFormatter
+from .utils.cli import HelpFormatter, out_of_range
 from .utils.files import atomic_path
 
 __all__ = ["PLOT_KINDS", "create_parser", "feature_map_kernel", "main", "plot_model", "resolution_shares"]
@@ -291,7 +291,11 @@ def create_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = create_parser().parse_args(argv)
+    parser = create_parser()
+    args = parser.parse_args(argv)
+    problem = out_of_range(args, positive=["channels"])
+    if problem:
+        parser.error(problem)
     try:
         if args.model and not is_mrconv_model(args.model):
             raise ValueError(f"cannot plot {args.model!r}: expected an MRConvNeXt or MRConv sequence model")

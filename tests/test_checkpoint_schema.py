@@ -154,6 +154,12 @@ def test_plot_needs_no_model_flag(run_name, checkpoint, scale_run, image_run, tm
     )
 
 
+def test_plot_channels_out_of_range_is_a_usage_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:  # drew no kernels (0) or counted from the end (-3) before
+        plot.main(["--checkpoint", str(tmp_path / "any.pth"), "--out", str(tmp_path / "plots"), "--channels", "0"])
+    assert info.value.code == 2 and "--channels must be positive, got 0" in capsys.readouterr().err
+
+
 def test_flags_override_and_contradictions_name_both_values(scale_run) -> None:
     path = scale_run[0] / "last.pth"
     with pytest.raises(CheckpointError, match="the checkpoint records img_size=\\[64, 64\\], given img_size=224"):

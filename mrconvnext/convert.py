@@ -21,7 +21,7 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from .models.convnext_conversion import HOLDING_KERNEL_TYPES, calibrate_batchnorm, stage_wraparound
 from .utils.checkpoint import CheckpointError, checkpoint_record, read_checkpoint, save_checkpoint_file
-from .utils.cli import HelpFormatter
+from .utils.cli import HelpFormatter, out_of_range
 from .utils.evaluation import find_image_folder
 
 
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.deploy and args.calibrate_dir:
         parser.error("--calibrate-dir needs the train form (a deploy-form model has no BatchNorm)")
+    problem = out_of_range(args, positive=["img_size", "calibrate_batches", "batch_size"])
+    if problem:
+        parser.error(problem)
     try:
         ckpt = read_checkpoint(args.checkpoint)
         head = ckpt.state_dict.get("head.fc.weight")

@@ -154,10 +154,17 @@ def test_plot_needs_no_model_flag(run_name, checkpoint, scale_run, image_run, tm
     )
 
 
-def test_plot_channels_out_of_range_is_a_usage_error(tmp_path, capsys) -> None:
-    with pytest.raises(SystemExit) as info:  # drew no kernels (0) or counted from the end (-3) before
+def test_tool_flags_out_of_range_are_usage_errors(tmp_path, capsys) -> None:
+    """plot drew no kernels for --channels 0 (or counted from the end for -3); convert met PyTorch's error for a
+    calibration batch size of 0."""
+    with pytest.raises(SystemExit) as info:
         plot.main(["--checkpoint", str(tmp_path / "any.pth"), "--out", str(tmp_path / "plots"), "--channels", "0"])
     assert info.value.code == 2 and "--channels must be positive, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        convert.main(
+            [str(tmp_path / "any.pth"), str(tmp_path / "out.pth"), "--calibrate-dir", str(tmp_path), "-b", "0"]
+        )
+    assert info.value.code == 2 and "--batch-size must be positive, got 0" in capsys.readouterr().err
 
 
 def test_flags_override_and_contradictions_name_both_values(scale_run) -> None:

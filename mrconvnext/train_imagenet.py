@@ -60,13 +60,7 @@ from mrconvnext.utils.checkpoint import (
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import (
-    PreflightError,
-    TrainingRun,
-    add_run_arguments,
-    parse_args,
-    run_main,
-)
+from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
 # Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
 # commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop

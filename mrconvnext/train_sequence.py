@@ -42,13 +42,7 @@ from mrconvnext.utils.checkpoint import ModelArgumentError, create_model_checked
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
-from mrconvnext.utils.training import (
-    PreflightError,
-    TrainingRun,
-    add_run_arguments,
-    parse_args,
-    run_main,
-)
+from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
 # Tables 5 and 6 (identical in these columns for the base and large models): global lr, weight decay, batch
 # size and epochs per task; the kernel lr is 0.001 without weight decay throughout (Appendix D.1.1).

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from mrconvnext.data import DataFormatError
 from mrconvnext.data.images import create_image_dataset
+from mrconvnext.models.sequence import MRConvSequenceModel
 from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.evaluation import (
@@ -289,6 +290,11 @@ def validate(
     the result row."""
     model = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     name = name or model.pretrained_cfg["architecture"]
+    if isinstance(model, MRConvSequenceModel):
+        raise UsageError(
+            f"{name} is a sequence model: validate.py evaluates image classifiers (train_sequence.py reports a "
+            "sequence model's test accuracy, in both forms)"
+        )
     data_config = resolve_input_data_config(model, vars(args), use_test_size=True)
     transform = create_transform(**data_config, is_training=False)
     try:

@@ -26,7 +26,7 @@ import pytest
 
 from mrconvnext import train_imagenet
 from mrconvnext.demo import make_shapes_dataset
-from mrconvnext.utils.training import resume_change
+from mrconvnext.utils.training import checkpoint_problem, resume_change
 from tests.image_formats import write_formats
 from tests.processes import descendants, free_port
 
@@ -275,3 +275,11 @@ def test_resume_change_names_what_moves_the_position_in_the_epoch() -> None:
     old = {"world_size": 2}  # written before checkpoints recorded their global batch
     assert resume_change(old, 2, 8, sharded=False) is None
     assert "does not record its global batch" in resume_change(old, 4, 8, sharded=False)
+
+
+def test_a_meta_json_that_is_no_record_makes_its_checkpoint_unreadable(tmp_path) -> None:
+    """A ``meta.json`` of another shape (a list, file sizes that are no numbers) is a reason to skip the checkpoint,
+    as a truncated one is, not an AttributeError or TypeError while the run looks for one to resume."""
+    for text in ("[1, 2]", '{"files": 3}', '{"files": {"model.safetensors": "big"}}'):
+        (tmp_path / "meta.json").write_text(text)
+        assert checkpoint_problem(str(tmp_path)).startswith("unreadable meta.json: expected"), text

@@ -276,7 +276,10 @@ def checkpoint_problem(folder: str) -> str | None:
         return f"incomplete: no {META_FILE}"
     except (OSError, ValueError) as e:
         return f"unreadable {META_FILE}: {e}"
-    for name, size in (meta.get("files") or {}).items():
+    files = meta.get("files") or {} if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
+        return f"unreadable {META_FILE}: expected a mapping with 'files': {{name: size in bytes}}"
+    for name, size in files.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"incomplete: {name} is missing"

@@ -19,6 +19,7 @@ from mrconvnext.data import (
     Pathfinder,
     SpeechCommands,
     create_dataset,
+    listops_generator,
 )
 from mrconvnext.data.listops_generator import generate_listops
 
@@ -96,6 +97,20 @@ def test_generated_listops_follows_the_grammar_and_the_release_layout(tmp_path):
     again = tmp_path / "again"
     generate_listops(str(again), 200, 30, 40, max_depth=4, max_args=4, max_length=60, seed=3)
     assert (again / "basic_test.tsv").read_text() == (tmp_path / "basic_test.tsv").read_text()
+
+
+def test_listops_generator_names_a_value_out_of_range(tmp_path, capsys):
+    for kwargs, message in [
+        (dict(num_train=-5), "num_train must be at least 0, got -5"),  # sliced the rows from the end
+        (dict(max_args=1), "max_args must be at least 2, got 1"),  # random.randrange(2, 2) before
+        (dict(num_train=10, num_val=0, num_test=0, max_length=3), "could not draw 10 distinct expressions"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            generate_listops(str(tmp_path), **kwargs)
+    with pytest.raises(SystemExit) as info:
+        listops_generator.main([str(tmp_path), "--max-args", "1"])
+    assert info.value.code == 2 and "error: max_args must be at least 2, got 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

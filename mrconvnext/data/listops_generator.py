@@ -17,6 +17,8 @@ import os
 import random
 import statistics
 
+from ..utils.cli import HelpFormatter
+
 __all__ = ["generate_listops", "evaluate", "to_release_string"]
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -72,6 +74,16 @@ def generate_listops(
     seed: int = 0,
 ) -> dict[str, str]:
     """Write distinct expressions of at most ``max_length`` tokens; returns the path of each split's TSV."""
+    for name, value, minimum in (
+        ("num_train", num_train, 0),
+        ("num_val", num_val, 0),
+        ("num_test", num_test, 0),
+        ("max_depth", max_depth, 1),
+        ("max_args", max_args, 2),  # an operator takes 2 to max_args arguments
+        ("max_length", max_length, 1),
+    ):
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
     rng = random.Random(seed)
     wanted = num_train + num_val + num_test
     seen: set[str] = set()
@@ -104,7 +116,9 @@ def generate_listops(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate ListOps data (LRA grammar) in the LRA release layout.")
+    parser = argparse.ArgumentParser(
+        description="Generate ListOps data (LRA grammar) in the LRA release layout.", formatter_class=HelpFormatter
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=300)
@@ -114,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=100, help="tokens, brackets included")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = generate_listops(
-        args.out_dir, args.train, args.val, args.test, args.max_depth, args.max_args, args.max_length, args.seed
-    )
+    try:
+        paths = generate_listops(
+            args.out_dir, args.train, args.val, args.test, args.max_depth, args.max_args, args.max_length, args.seed
+        )
+    except ValueError as e:
+        parser.error(str(e))
     print("\n".join(paths.values()))
 
 

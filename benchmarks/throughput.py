@@ -25,7 +25,8 @@ from timm.utils import ParseKwargs, reparameterize_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mrconvnext  # noqa: E402, F401  (registers the models)
 from benchmarks.timing import compare, machine_info  # noqa: E402
-from mrconvnext.utils.checkpoint import create_model_from_checkpoint  # noqa: E402
+from mrconvnext.utils.checkpoint import CheckpointError, create_model_from_checkpoint  # noqa: E402
+from mrconvnext.utils.cli import out_of_range  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,11 +42,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    problem = out_of_range(args, positive="img_size batch_size batches rounds".split(), non_negative=["warmup"])
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
-    if args.checkpoint:
-        model = create_model_from_checkpoint(args.checkpoint, args.model, **args.model_kwargs)
-    else:  # a model built for one size (MRConvNeXt: its planned kernels) is built for the size it is timed at
-        model = timm.create_model(**resolve_model_input_args(args.model, vars(args), **args.model_kwargs)).eval()
+    try:
+        if args.checkpoint:
+            model = create_model_from_checkpoint(args.checkpoint, args.model, **args.model_kwargs)
+        else:  # a model built for one size (MRConvNeXt: its planned kernels) is built for the size it is timed at
+            model = timm.create_model(**resolve_model_input_args(args.model, vars(args), **args.model_kwargs)).eval()
+    except (CheckpointError, FileNotFoundError, RuntimeError, ValueError, TypeError) as e:
+        parser.error(f"cannot create model {args.model!r}: {e}")
     config = resolve_data_config({"img_size": args.img_size}, model=model)
     forms = {"train": model, "deploy": reparameterize_model(model)}
     if args.baseline:

@@ -1,7 +1,10 @@
-"""The benchmarks' peak step memory (``benchmarks/timing.py``) against allocations of known size."""
+"""The benchmarks' peak step memory (``benchmarks/timing.py``) against allocations of known size, and the
+throughput command's usage errors."""
 
+import pytest
 import torch
 
+from benchmarks import throughput
 from benchmarks.timing import step_memory
 from mrconvnext import MRConv
 from mrconvnext.layers.branch_norm import BranchWorkspace
@@ -39,3 +42,16 @@ def test_step_memory_counts_the_branch_workspace_as_if_each_step_allocated_it(mo
     saved_branches = layer.num_resolutions * x.numel() * x.element_size() / 2**20
     assert fresh > saved_branches
     assert with_workspace == fresh  # exact: the bytes held by tensors, not the allocator's heap
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-b", "0"], "--batch-size must be positive, got 0"),  # an MKL error from inside the FFT before
+        (["--model", "convnext_tinyy"], "cannot create model 'convnext_tinyy': Unknown model"),
+    ],
+)
+def test_throughput_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        throughput.main(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -62,6 +62,19 @@ from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
+# numeric flags checked before anything is built (mrconvnext.utils.cli.out_of_range); None (unset) is not checked
+FLAG_RANGES = dict(
+    positive=(
+        "batch_size validation_batch_size grad_accum_steps epochs val_interval img_size crop_pct lr_base_size "
+        "train_num_samples val_num_samples shard_shuffle_window recount"
+    ).split(),
+    non_negative=(
+        "lr lr_base min_lr warmup_lr warmup_epochs weight_decay clip_grad opt_eps mixup cutmix color_jitter"
+    ).split(),
+    fractions="drop drop_path smoothing model_ema_decay".split(),
+    probabilities="reprob mixup_prob mixup_switch_prob".split(),
+)
+
 # Stochastic depth of the ConvNeXt ImageNet-1k recipe per architecture (T/S/B/L from ConvNeXt's training
 # commands; atto and nano are not in the paper: small models underfit ImageNet, so they get little or no drop
 # path). Other models keep their own default.
@@ -231,13 +244,7 @@ def preflight(args: argparse.Namespace) -> None:
         close = difflib.get_close_matches(args.model, timm.list_models(), n=8, cutoff=0.75)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise PreflightError(f"unknown model {args.model!r}{hint}")
-    problem = out_of_range(
-        args,
-        positive="batch_size grad_accum_steps epochs img_size lr_base_size crop_pct".split(),
-        non_negative="lr lr_base min_lr warmup_lr warmup_epochs weight_decay clip_grad mixup cutmix".split(),
-        fractions="drop drop_path smoothing".split(),
-        probabilities="reprob mixup_prob mixup_switch_prob".split(),
-    )
+    problem = out_of_range(args, **FLAG_RANGES)
     if problem:
         raise PreflightError(problem)
     if args.batch_size % args.grad_accum_steps:

@@ -44,6 +44,13 @@ from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 
+# numeric flags checked before anything is built (mrconvnext.utils.cli.out_of_range); None (unset) is not checked
+FLAG_RANGES = dict(
+    positive="lr kernel_lr batch_size epochs seq_len".split(),
+    non_negative="weight_decay kernel_weight_decay warmup_epochs min_lr clip_grad".split(),
+    fractions=["drop"],
+)
+
 # Tables 5 and 6 (identical in these columns for the base and large models): global lr, weight decay, batch
 # size and epochs per task; the kernel lr is 0.001 without weight decay throughout (Appendix D.1.1).
 RECIPES = {
@@ -144,12 +151,7 @@ def preflight(args: argparse.Namespace) -> dict:
     task_models = timm.list_models(f"mrconv_{args.task}_*")
     if args.model not in task_models:
         raise PreflightError(f"--model {args.model!r} is not a {args.task} model; expected one of {task_models}")
-    problem = out_of_range(
-        args,
-        positive="lr kernel_lr batch_size epochs seq_len".split(),
-        non_negative="weight_decay kernel_weight_decay warmup_epochs min_lr clip_grad".split(),
-        fractions=["drop"],
-    )
+    problem = out_of_range(args, **FLAG_RANGES)
     if problem:
         raise PreflightError(problem)
     if args.seq_len is not None and args.task not in TOKEN_TASKS:

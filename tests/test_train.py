@@ -309,6 +309,10 @@ def test_run_flags_out_of_range(data_dir, tmp_path):
         ("--reprob", "2", "--reprob must be in [0, 1], got 2.0"),
         ("--smoothing", "1.5", "--smoothing must be in [0, 1), got 1.5"),
         ("--crop-pct", "0", "--crop-pct must be positive, got 0.0"),
+        ("--val-interval", "0", "--val-interval must be positive, got 0"),
+        ("--opt-eps", "-1", "--opt-eps must be non-negative, got -1.0"),
+        ("--color-jitter", "-1", "--color-jitter must be non-negative, got -1.0"),
+        ("--model-ema-decay", "1.5", "--model-ema-decay must be in [0, 1), got 1.5"),
     ]:
         assert message in _preflight_error(["--data-dir", str(data_dir), flag, value], tmp_path)
 

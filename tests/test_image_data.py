@@ -350,8 +350,9 @@ def test_a_damaged_save_to_disk_folder_names_itself(formats, tmp_path) -> None:
         shutil.copytree(formats["hfds"], damaged)
         if damage == "state":
             (damaged / "train" / "state.json").write_text("{}")
-        for arrow in (damaged / "train").glob("*.arrow") if damage == "arrow" else ():
-            arrow.write_bytes(arrow.read_bytes()[:100])
+        else:
+            for arrow in (damaged / "train").glob("*.arrow"):
+                arrow.write_bytes(arrow.read_bytes()[:100])
         with pytest.raises(DataFormatError, match=rf"{re.escape(str(damaged / 'train'))}.* is not a dataset written"):
             HfDiskImageDataset(str(damaged), "train")
 

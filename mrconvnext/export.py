@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.format == "onnx" and args.form != "deploy":
         parser.error("--format onnx exports the deploy form only (a train-form checkpoint is reparameterized)")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f"--output {args.output!r} is a file; expected a folder (the export's files are written into it)")
     try:
         if args.format == "onnx":
             _export_onnx(args)

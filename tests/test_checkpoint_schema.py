@@ -156,7 +156,7 @@ def test_plot_needs_no_model_flag(run_name, checkpoint, scale_run, image_run, tm
 
 def test_tool_flags_out_of_range_are_usage_errors(tmp_path, capsys) -> None:
     """plot drew no kernels for --channels 0 (or counted from the end for -3); convert met PyTorch's error for a
-    calibration batch size of 0."""
+    calibration batch size of 0; export's --output naming a file met os.makedirs'."""
     with pytest.raises(SystemExit) as info:
         plot.main(["--checkpoint", str(tmp_path / "any.pth"), "--out", str(tmp_path / "plots"), "--channels", "0"])
     assert info.value.code == 2 and "--channels must be positive, got 0" in capsys.readouterr().err
@@ -165,6 +165,11 @@ def test_tool_flags_out_of_range_are_usage_errors(tmp_path, capsys) -> None:
             [str(tmp_path / "any.pth"), str(tmp_path / "out.pth"), "--calibrate-dir", str(tmp_path), "-b", "0"]
         )
     assert info.value.code == 2 and "--batch-size must be positive, got 0" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("kept")  # export --output naming a file: a FileExistsError traceback before
+    with pytest.raises(SystemExit) as info:
+        export_main(["--checkpoint", str(tmp_path / "any.pth"), "--output", str(tmp_path / "notes.txt")])
+    assert info.value.code == 2 and "notes.txt' is a file; expected a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "kept"
 
 
 def test_flags_override_and_contradictions_name_both_values(scale_run) -> None:

@@ -154,7 +154,7 @@ def test_plot_needs_no_model_flag(run_name, checkpoint, scale_run, image_run, tm
     )
 
 
-def test_tool_flags_out_of_range_are_usage_errors(tmp_path, capsys) -> None:
+def test_tool_flags_that_cannot_work_are_usage_errors(tmp_path, capsys) -> None:
     """plot drew no kernels for --channels 0 (or counted from the end for -3); convert met PyTorch's error for a
     calibration batch size of 0; export's --output naming a file met os.makedirs'."""
     with pytest.raises(SystemExit) as info:

@@ -267,6 +267,12 @@ def test_batch_not_divisible_by_accumulation(data_dir, tmp_path):
     assert "--batch-size 6 is not divisible by --grad-accum-steps 4" in message
 
 
+def test_resume_from_a_weights_file(uninterrupted, data_dir, tmp_path):
+    run_dir, _, _ = uninterrupted
+    message = _preflight_error(["--data-dir", str(data_dir), "--resume", str(run_dir / "last.pth")], tmp_path)
+    assert "last.pth' is a file: --resume takes a run folder or one of its checkpoints/epoch_NNNN folders" in message
+
+
 def test_resume_from_other_model(uninterrupted, data_dir, tmp_path):
     run_dir, _, _ = uninterrupted
     args = ["--data-dir", str(data_dir), "--model", "mrconvnext_nano", "--resume", str(run_dir)]

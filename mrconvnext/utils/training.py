@@ -531,6 +531,12 @@ class TrainingRun:
         source = args.resume or (os.path.join(args.output, args.experiment) if args.auto_resume else "")
         if not source:
             return
+        if os.path.isfile(source):
+            raise PreflightError(
+                f"--resume {source!r} is a file: --resume takes a run folder or one of its checkpoints/epoch_NNNN "
+                "folders (the accelerate state with the optimizer and the position); weights alone such as last.pth "
+                "do not resume a run"
+            )
         candidates = find_checkpoints(source)
         good = []
         for folder in candidates:

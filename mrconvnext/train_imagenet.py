@@ -247,6 +247,11 @@ def preflight(args: argparse.Namespace) -> None:
     problem = out_of_range(args, **FLAG_RANGES)
     if problem:
         raise PreflightError(problem)
+    (smallest, largest), (narrowest, widest) = args.scale, args.ratio
+    if not 0 < smallest <= largest <= 1:
+        raise PreflightError(f"--scale {smallest} {largest}: expected 0 < min <= max <= 1 (shares of the image area)")
+    if not 0 < narrowest <= widest:
+        raise PreflightError(f"--ratio {narrowest} {widest}: expected 0 < min <= max (crop aspect ratios)")
     if args.batch_size % args.grad_accum_steps:
         raise PreflightError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"

@@ -321,6 +321,11 @@ def test_run_flags_out_of_range(data_dir, tmp_path):
         ("--model-ema-decay", "1.5", "--model-ema-decay must be in [0, 1), got 1.5"),
     ]:
         assert message in _preflight_error(["--data-dir", str(data_dir), flag, value], tmp_path)
+    for flag, values, message in [
+        ("--scale", ["0", "0"], "--scale 0.0 0.0: expected 0 < min <= max <= 1"),
+        ("--ratio", ["2", "1"], "--ratio 2.0 1.0: expected 0 < min <= max"),
+    ]:
+        assert message in _preflight_error(["--data-dir", str(data_dir), flag, *values], tmp_path)
 
 
 def test_kernel_lr_needs_mrconv_layers(data_dir, tmp_path):

@@ -290,10 +290,10 @@ def validate(
     the result row."""
     model = build_model(args, name, checkpoint, pretrained=args.pretrained or not checkpoint)
     name = name or model.pretrained_cfg["architecture"]
-    if isinstance(model, MRConvSequenceModel):
+    if isinstance(model, MRConvSequenceModel) and not model.image_input:  # image tasks (LRA Image, sCIFAR) do
         raise UsageError(
-            f"{name} is a sequence model: validate.py evaluates image classifiers (train_sequence.py reports a "
-            "sequence model's test accuracy, in both forms)"
+            f"{name} is a sequence model without image input: validate.py evaluates models of images "
+            "(train_sequence.py reports a sequence model's test accuracy, in both forms)"
         )
     data_config = resolve_input_data_config(model, vars(args), use_test_size=True)
     transform = create_transform(**data_config, is_training=False)

@@ -388,12 +388,15 @@ def test_flags_out_of_range_are_reported(capsys, data_root, checkpoint, flag, va
 
 
 def test_a_sequence_model_checkpoint_is_named_as_such(capsys, data_root, tmp_path) -> None:
-    """A sequence model's checkpoint given to the image evaluator: said as that, not as a class-count mismatch
-    or a shape error from inside the model."""
+    """A token model's checkpoint given to the image evaluator: said as that, not as a class-count mismatch or a
+    shape error from inside the model (sequence models of images are evaluated: tests/test_checkpoint_schema.py)."""
     from mrconvnext.utils.checkpoint import checkpoint_record, save_checkpoint_file
 
     path = tmp_path / "listops.pth"
     save_checkpoint_file(checkpoint_record(timm.create_model("mrconv_listops_base", depth=1, embed_dim=8)), path)
     assert validate.main(["--data-dir", str(data_root), "--checkpoint", str(path), "-j", "0", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert "validate.py: error: mrconv_listops_base is a sequence model" in err and "train_sequence.py" in err
+    assert (
+        "validate.py: error: mrconv_listops_base is a sequence model without image input" in err
+        and "train_sequence.py" in err
+    )

@@ -152,6 +152,9 @@ def test_plot_needs_no_model_flag(run_name, checkpoint, scale_run, image_run, tm
     assert (
         plot.main(["--checkpoint", str(tmp_path / "deploy"), "--out", str(tmp_path / "d"), "--plots", "spectra"]) == 0
     )
+    (tmp_path / "deploy" / "config.json").write_text("[]")  # valid JSON of another shape: an AttributeError before
+    with pytest.raises(CheckpointError, match=r"config.json' is not a model config: expected a JSON object"):
+        read_checkpoint(tmp_path / "deploy")
 
 
 def test_tool_flags_that_cannot_work_are_usage_errors(tmp_path, capsys) -> None:

@@ -212,6 +212,9 @@ def test_shard_metadata_that_does_not_match_the_shard(id_shards, tmp_path) -> No
         _read_all("wds", tmp_path / "wds")
     with pytest.raises(DataFormatError, match=r"_info.json has no split 'val' \(splits: train\)"):
         list_tar_shards(str(tmp_path / "wds"), "val")
+    (tmp_path / "wds" / "_info.json").write_text("[1, 2]")  # an AttributeError on .get before
+    with pytest.raises(DataFormatError, match=r"_info.json: shard metadata is a list, expected a mapping"):
+        list_tar_shards(str(tmp_path / "wds"), "train")
 
 
 def test_parquet_errors_name_the_file(tmp_path) -> None:

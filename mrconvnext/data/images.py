@@ -262,6 +262,8 @@ def _load_info(root: str) -> tuple[dict, str] | tuple[None, None]:
                     info = json.load(f) if name.endswith(".json") else yaml.safe_load(f)
             except (OSError, ValueError, yaml.YAMLError) as e:
                 raise DataFormatError(f"{path}: unreadable shard metadata: {e}") from e
+            if not isinstance(info or {}, dict):
+                raise DataFormatError(f"{path}: shard metadata is a {type(info).__name__}, expected a mapping")
             return info or {}, path
     return None, None
 

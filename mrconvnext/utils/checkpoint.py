@@ -281,6 +281,8 @@ def _read_config_json(path: Path) -> tuple[str | None, dict[str, Any], dict[str,
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {str(path)!r}: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_args") or {}, dict):
+        raise CheckpointError(f"{str(path)!r} is not a model config: expected a JSON object with 'architecture'")
     model_args = dict(config.get("model_args") or {})
     if "num_classes" in config:
         model_args.setdefault("num_classes", config["num_classes"])

@@ -76,6 +76,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "CSV_FILE",
     "META_FILE",
+    "RUN_FLAG_RANGES",
     "STOP_SIGNALS",
     "MetricsLog",
     "PreflightError",
@@ -101,6 +102,10 @@ META_FILE = "meta.json"
 CSV_FILE = "summary.csv"
 ARGS_FILE = "args.yaml"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM, Kubernetes and torchrun send before a stop
+# the run flags' ranges, checked by parse_args (mrconvnext.utils.cli.out_of_range); the scripts add their own
+RUN_FLAG_RANGES = dict(
+    positive=["log_interval"], non_negative=["checkpoint_every", "checkpoint_hist", "preempt_grace", "workers"]
+)
 
 _logger = get_logger("train")
 _END = object()
@@ -190,13 +195,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         parser.set_defaults(**{k: v for k, v in values.items() if k in flags})
     args = parser.parse_args(argv)
     args.config = known.config
-    problem = out_of_range(args, positive=["log_interval"], non_negative=_NON_NEGATIVE_RUN_FLAGS)
+    problem = out_of_range(args, **RUN_FLAG_RANGES)
     if problem:
         raise PreflightError(problem)
     return args
-
-
-_NON_NEGATIVE_RUN_FLAGS = ("checkpoint_every", "checkpoint_hist", "preempt_grace", "workers")
 
 
 def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:
@@ -276,7 +278,7 @@ def checkpoint_problem(folder: str) -> str | None:
         return f"incomplete: no {META_FILE}"
     except (OSError, ValueError) as e:
         return f"unreadable {META_FILE}: {e}"
-    files = meta.get("files") or {} if isinstance(meta, dict) else None
+    files = (meta.get("files") or {}) if isinstance(meta, dict) else None
     if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
         return f"unreadable {META_FILE}: expected a mapping with 'files': {{name: size in bytes}}"
     for name, size in files.items():

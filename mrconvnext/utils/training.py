@@ -804,13 +804,14 @@ class TrainingRun:
         done = self._resume_updates if epoch == self.state.epoch else 0
         rng_states = self._resume_rng if done else None
         self._resume_updates, self._resume_rng = 0, None
-        sharded = getattr(getattr(loader, "dataset", None), "shards_over_processes", False)
-        change = resume_change(self._checkpoint_meta, accelerator.num_processes, self.global_batch, sharded)
-        if done and change:
-            self.log(
-                f"warning: {change}: the rest of epoch {epoch + 1} is not exactly the samples the interrupted "
-                "run had left"
-            )
+        if done:  # a resumed epoch: whether it goes on with the samples the interrupted run had left
+            sharded = getattr(getattr(loader, "dataset", None), "shards_over_processes", False)
+            change = resume_change(self._checkpoint_meta, accelerator.num_processes, self.global_batch, sharded)
+            if change:
+                self.log(
+                    f"warning: {change}: the rest of epoch {epoch + 1} is not exactly the samples the interrupted "
+                    "run had left"
+                )
         loader = self._epoch_loader(loader, epoch, done * accelerator.gradient_accumulation_steps)
         meter = _EpochMeter(accelerator.device, self.state.epoch_sums if done else None)
         if accelerator.device.type == "cuda":

@@ -120,6 +120,30 @@ def test_an_epoch_starts_at_any_batch(kind, id_shards) -> None:
 
 
 @pytest.mark.parametrize("kind", ["wds", "parquet"])
+def test_a_resume_on_another_number_of_processes_reads_the_samples_left(kind, id_shards) -> None:
+    """2 processes of batch 4 stopped after 2 batches each (16 of the epoch's 48 samples read); resumed by 1
+    process of batch 8 or 4 of batch 2 (the same global batch), or 3 of batch 4: the rest of the epoch is the
+    32 samples the two processes had left, each once, in as many batches as fit."""
+    stopped = [_batches(_dataset(kind, id_shards[kind], rank, 2), 1) for rank in (0, 1)]
+    left = sorted(i for batches in stopped for batch in batches[2:] for i, _ in batch)
+    assert len(left) == 32
+    for world, batch_size, expected in ((1, 8, left), (4, 2, left), (3, 4, None)):
+        resumed = []
+        for rank in range(world):
+            dataset = _dataset(kind, id_shards[kind], rank, world, batch_size=batch_size)
+            dataset.start_epoch_at(1, 2, world_size=2, batch_size=4)
+            batches = _batches(dataset, 1)
+            assert all(len(batch) == batch_size for batch in batches)
+            resumed += [i for batch in batches for i, _ in batch]
+        if expected is not None:
+            assert sorted(resumed) == expected
+        else:  # 3 x 4 does not divide 32: two whole batches per process, the rest of the samples left out
+            assert len(resumed) == 24 and len(set(resumed)) == 24 and set(resumed) <= set(left)
+        dataset.set_epoch(2)  # the next epoch is this run's own plan again
+        assert len(_batches(dataset, 2)) == 48 // (world * batch_size)
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet"])
 def test_evaluation_counts_every_sample_once(kind, id_shards) -> None:
     ranks = [_batches(_dataset(kind, id_shards[kind], r, 2, train=False, num_samples=45), 0) for r in (0, 1)]
     assert [len(b) for b in ranks] == [6, 6] and [len(b[-1]) for b in ranks] == [3, 3]  # 23 per process

@@ -2,7 +2,7 @@
 
 - SIGTERM to every process of a 2-process ``torchrun`` run (the ranks and their loader workers, as SLURM and
   Kubernetes do) on webdataset shards: each rank finishes its update, writes one checkpoint and exits 0; the
-  resumed run continues with the next batch;
+  resumed run continues with the next batch, on two nodes or on one process that reads what the two had left;
 - ``examples/slurm/train_imagenet.sbatch`` run as SLURM would on parquet files, with a stand-in ``srun`` and
   ``scontrol`` (tasks started with SLURM's task ids, signals passed on): SIGUSR1 to the batch script makes the
   tasks checkpoint and exit 0 and requeues the job; the requeued job continues the run to its end;
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -111,6 +112,13 @@ def test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes(f
     assert "exited unexpectedly" not in text and "ChildFailedError" not in text  # the loader workers lived on
     updates = int(re.fullmatch(r"epoch_0000_update_(\d+)", checkpoint.name).group(1))
 
+    # a copy resumed by one process of batch 8 (the same global batch): it reads what the two had left
+    shutil.copytree(tmp_path / "run", tmp_path / "single")
+    single_args = [*args, "-b", "8", "--resume", str(tmp_path / "single")]
+    with open(tmp_path / "single.log", "w") as out:
+        cmd = [sys.executable, str(ROOT / "train_imagenet.py"), *single_args]
+        single = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+
     # resumed as two nodes of one process each that meet at a c10d rendezvous (the README's several-nodes
     # command): the epoch goes on with the next update, both epochs end complete
     endpoint, nodes = f"localhost:{free_port()}", []
@@ -129,6 +137,12 @@ def test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes(f
     assert f"resumed from {checkpoint}: continuing at epoch 1, update {updates + 1}" in text
     assert f"epoch 1/2 update {updates}/" not in text  # no update done twice
     assert text.count("updates/rank [4, 4]") == 2 and (tmp_path / "run" / "checkpoints" / "epoch_0002").is_dir()
+
+    assert single.wait(timeout=300) == 0, (tmp_path / "single.log").read_text()[-4000:]
+    text = (tmp_path / "single.log").read_text()
+    assert "epoch 1: the shards' samples that the checkpoint's 2 processes had left, split over 1" in text
+    assert "warning" not in text and f"epoch 1/2 update {updates}/" not in text
+    assert text.count("updates/rank [4]") == 2 and (tmp_path / "single" / "checkpoints" / "epoch_0002").is_dir()
 
 
 def _executable(path: Path, text: str) -> None:
@@ -264,13 +278,15 @@ def test_an_epoch_stopped_after_its_last_update_resumes_with_its_sums(fresh_acce
 def test_resume_change_names_what_moves_the_position_in_the_epoch() -> None:
     """When a mid-epoch resume continues with the samples left (``tests/test_train_sequence.py`` runs one on
     another number of processes), and what else it names in its warning."""
-    saved = {"world_size": 2, "global_batch": 8}
+    saved = {"world_size": 2, "global_batch": 8, "micro_batch": 4}
     assert resume_change(saved, 1, 8, sharded=False) is None  # a shuffled dataset: the same global batch suffices
-    assert resume_change(saved, 2, 8, sharded=True) is None
+    assert resume_change(saved, 1, 8, sharded=True) is None  # shards: what the 2 processes had left, split again
     assert resume_change(saved, 2, 4, sharded=False) == "the checkpoint's updates took 8 samples, this run's take 4"
-    assert (
-        resume_change(saved, 1, 8, sharded=True)
-        == "the shards are split over 2 processes in the checkpoint, 1 in this run"
+    unsplit = {"world_size": 2, "global_batch": 8}  # written before checkpoints recorded the batch per process
+    assert resume_change(unsplit, 2, 8, sharded=True) is None
+    assert resume_change(unsplit, 1, 8, sharded=True) == (
+        "the shards are split over 2 processes in the checkpoint, 1 in this run, and the checkpoint does not "
+        "record their batch size"
     )
     old = {"world_size": 2}  # written before checkpoints recorded their global batch
     assert resume_change(old, 2, 8, sharded=False) is None

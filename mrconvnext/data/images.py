@@ -401,7 +401,10 @@ class ShardedImageDataset(IterableDataset):
 
     Yields ``(transform(image), label)``; ``shards_over_processes`` tells the training runner not to shard it
     again. ``start_epoch_at(epoch, batch)`` makes the next pass over ``epoch`` start at ``batch`` of this
-    process: a mid-epoch resume reads none of the samples before it.
+    process: a mid-epoch resume reads none of the samples before it. A run interrupted with another number of
+    processes or batch size (``start_epoch_at(epoch, batch, world_size, batch_size)``, that run's) left a
+    part of each of its processes' shares: the rest of the epoch is those parts, concatenated in rank order
+    and split into consecutive shares again, so every sample of the epoch is still read once.
     """
 
     shards_over_processes = True
@@ -432,30 +435,40 @@ class ShardedImageDataset(IterableDataset):
         where = os.path.dirname(self.shards[0].path) if self.shards else "?"
         if not 0 < self.num_samples <= self.total:
             raise DataFormatError(f"{where}: {self.num_samples} samples per epoch asked, the shards hold {self.total}")
-        self.window = max(batch_size, shuffle_window // batch_size * batch_size)
+        self.shuffle_window = shuffle_window
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.start_plan = 0, 0, (self.world_size, batch_size)
         self._readers: OrderedDict[int, Any] = OrderedDict()
 
     # position ---------------------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.start_batch = epoch, 0
+            self.epoch, self.start_batch, self.start_plan = epoch, 0, (self.world_size, self.batch_size)
 
-    def start_epoch_at(self, epoch: int, batch: int) -> None:
+    def start_epoch_at(
+        self, epoch: int, batch: int, world_size: int | None = None, batch_size: int | None = None
+    ) -> None:
+        """Start the next pass over ``epoch`` after ``batch`` batches of each process of a run with
+        ``world_size`` processes taking ``batch_size`` samples per batch (default: this run's)."""
+        if not self.train and (world_size, batch_size) != (None, None):
+            raise ValueError("an evaluation pass is not resumed: it has no position in another run's plan")
         self.epoch, self.start_batch = epoch, batch
+        self.start_plan = (world_size or self.world_size, batch_size or self.batch_size)
 
     # plan -------------------------------------------------------------------------------------------------
+
+    def _share(self, world_size: int, batch_size: int) -> int:
+        if self.train:
+            return self.num_samples // world_size // batch_size * batch_size
+        return math.ceil(self.num_samples / world_size)
 
     @property
     def per_process(self) -> int:
         """Samples this process yields per epoch (evaluation: with the padding)."""
-        if self.train:
-            return self.num_samples // self.world_size // self.batch_size * self.batch_size
-        return math.ceil(self.num_samples / self.world_size)
+        return self._share(self.world_size, self.batch_size)
 
     def __len__(self) -> int:
         return self.per_process
@@ -463,21 +476,42 @@ class ShardedImageDataset(IterableDataset):
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """Sample ids (positions in the unshuffled shard list) of this process in epoch ``epoch``; -1 - id
         marks a padding repeat of sample ``id``."""
+        return self._process_samples(self._epoch_order(epoch), epoch, self.rank, self.world_size, self.batch_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         order = np.arange(len(self.shards))
         if self.train:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        ids = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in order])[: self.num_samples]
-        count = self.per_process
-        first = self.rank * count
+        return np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in order])[: self.num_samples]
+
+    def _process_samples(self, ids: np.ndarray, epoch: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+        count = self._share(world_size, batch_size)
+        first = rank * count
         if not self.train:
             positions = np.arange(first, first + count)
             real = positions < self.num_samples
             return np.where(real, ids[positions % self.num_samples], -1 - ids[positions % self.num_samples])
         mine = ids[first : first + count].copy()
-        for start in range(0, count, self.window):
-            rng = np.random.default_rng([self.seed, epoch, self.rank, start])
-            mine[start : start + self.window] = rng.permutation(mine[start : start + self.window])
+        window = max(batch_size, self.shuffle_window // batch_size * batch_size)
+        for start in range(0, count, window):
+            rng = np.random.default_rng([self.seed, epoch, rank, start])
+            mine[start : start + window] = rng.permutation(mine[start : start + window])
         return mine
+
+    def remaining_samples(self) -> np.ndarray:
+        """The samples this process has left to yield in the current epoch, from its start position."""
+        if self.start_plan == (self.world_size, self.batch_size):
+            return self.epoch_samples(self.epoch)[self.start_batch * self.batch_size :]
+        world_size, batch_size = self.start_plan
+        ids = self._epoch_order(self.epoch)
+        rest = np.concatenate(
+            [
+                self._process_samples(ids, self.epoch, rank, world_size, batch_size)[self.start_batch * batch_size :]
+                for rank in range(world_size)
+            ]
+        )
+        count = len(rest) // self.world_size // self.batch_size * self.batch_size
+        return rest[self.rank * count : (self.rank + 1) * count]
 
     # reading ----------------------------------------------------------------------------------------------
 
@@ -501,8 +535,8 @@ class ShardedImageDataset(IterableDataset):
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         epoch = self.epoch
-        samples = self.epoch_samples(epoch)
-        for batch in range(self.start_batch + worker_id, math.ceil(len(samples) / self.batch_size), workers):
+        samples = self.remaining_samples()
+        for batch in range(worker_id, math.ceil(len(samples) / self.batch_size), workers):
             for entry in samples[batch * self.batch_size : (batch + 1) * self.batch_size]:
                 sample = int(entry) if entry >= 0 else int(-1 - entry)
                 img, label = self._load(sample)

@@ -360,14 +360,21 @@ def resume_change(saved: dict, world: int, global_batch: int, sharded: bool) -> 
     The position in an epoch is a number of updates. A shuffled dataset's loader draws one permutation per
     epoch, the same for every number of processes (accelerate's seedable sampler), and update ``u`` takes
     its ``u``-th run of ``global_batch`` samples: the same global batch continues exactly. Shards are split
-    over the processes, so they need the same number of processes too."""
+    over the processes: on another number of processes the dataset splits what the checkpoint's processes had
+    left, which needs their batch size (``micro_batch``) too."""
     saved_world = saved.get("world_size", world)
     saved_batch = saved.get("global_batch")  # not recorded: only the number of processes is known to be the same
     if saved_batch is not None and saved_batch != global_batch:
         return f"the checkpoint's updates took {saved_batch} samples, this run's take {global_batch}"
-    if saved_world != world and (sharded or saved_batch is None):
-        where = "the shards are split over" if sharded else "the checkpoint does not record its global batch, for"
-        return f"{where} {saved_world} processes in the checkpoint, {world} in this run"
+    if saved_world != world and saved_batch is None:
+        return (
+            f"the checkpoint does not record its global batch, for {saved_world} processes in it, {world} in this run"
+        )
+    if saved_world != world and sharded and "micro_batch" not in saved:
+        return (
+            f"the shards are split over {saved_world} processes in the checkpoint, {world} in this run, and the "
+            "checkpoint does not record their batch size"
+        )
     return None
 
 
@@ -630,6 +637,13 @@ class TrainingRun:
         ranks = [i for i, f in enumerate(failed.tolist()) if f]
         return error or f"failed to load on process(es) {ranks}"
 
+    @property
+    def micro_batch(self) -> int:
+        """Samples per process in one forward and backward (a loader batch): an update has
+        ``gradient_accumulation_steps`` of them on every process."""
+        accelerator = self.accelerator
+        return self.global_batch // (accelerator.num_processes * accelerator.gradient_accumulation_steps)
+
     def write_config(self, global_batch: int, **derived: Any) -> None:
         """``args.yaml`` (the arguments, and ``global_batch``, the samples of one update over all processes, and
         ``derived`` under ``run:``), the trackers' config, the log."""
@@ -736,9 +750,10 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------ loops
 
-    def _epoch_loader(self, loader: Iterable, epoch: int, skip: int) -> Iterable:
+    def _epoch_loader(self, loader: Iterable, epoch: int, skip: int, *plan: int) -> Iterable:
         """``loader`` set to ``epoch`` (sampler and dataset) and starting after its first ``skip`` batches: the
-        dataset's own position when it has one, else accelerate's ``skip_first_batches`` (sampler level)."""
+        dataset's own position when it has one, else accelerate's ``skip_first_batches`` (sampler level).
+        ``plan``: the number of processes and batch size that ``skip`` counts in, if not this run's (shards)."""
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         dataset = getattr(loader, "dataset", None)
@@ -747,7 +762,7 @@ class TrainingRun:
         if not skip:
             return loader
         if hasattr(dataset, "start_epoch_at"):
-            dataset.start_epoch_at(epoch, skip)
+            dataset.start_epoch_at(epoch, skip, *plan)
             return loader
         return self.accelerator.skip_first_batches(loader, skip)
 
@@ -804,15 +819,24 @@ class TrainingRun:
         done = self._resume_updates if epoch == self.state.epoch else 0
         rng_states = self._resume_rng if done else None
         self._resume_updates, self._resume_rng = 0, None
+        position = (done * accelerator.gradient_accumulation_steps,)  # batches of this run's processes
         if done:  # a resumed epoch: whether it goes on with the samples the interrupted run had left
+            saved, world = self._checkpoint_meta, accelerator.num_processes
             sharded = getattr(getattr(loader, "dataset", None), "shards_over_processes", False)
-            change = resume_change(self._checkpoint_meta, accelerator.num_processes, self.global_batch, sharded)
+            change = resume_change(saved, world, self.global_batch, sharded)
+            saved_plan = (saved.get("world_size", world), saved.get("micro_batch", self.micro_batch))
             if change:
                 self.log(
                     f"warning: {change}: the rest of epoch {epoch + 1} is not exactly the samples the interrupted "
                     "run had left"
                 )
-        loader = self._epoch_loader(loader, epoch, done * accelerator.gradient_accumulation_steps)
+            elif sharded and saved_plan != (world, self.micro_batch):
+                position = (done * self.global_batch // (saved_plan[0] * saved_plan[1]), *saved_plan)
+                self.log(
+                    f"epoch {epoch + 1}: the shards' samples that the checkpoint's {saved_plan[0]} processes had "
+                    f"left, split over {world}"
+                )
+        loader = self._epoch_loader(loader, epoch, *position)
         meter = _EpochMeter(accelerator.device, self.state.epoch_sums if done else None)
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -1007,7 +1031,8 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             meta = {**self.resume_meta, "epoch": epoch, "epoch_updates": updates}
-            meta.update(world_size=accelerator.num_processes, global_batch=self.global_batch, files=_folder_files(tmp))
+            meta.update(world_size=accelerator.num_processes, global_batch=self.global_batch)
+            meta.update(micro_batch=self.micro_batch, files=_folder_files(tmp))
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
             shutil.rmtree(final, ignore_errors=True)

@@ -49,6 +49,16 @@ def randomize_(layer) -> None:
             layer.norm.running_var.uniform_(0.3, 3.0)
 
 
+def random_mrconv(dim: int, seq_len: int, kernel_size: int, seed: int = 0, **kwargs):
+    """``MRConv(dim, seq_len, kernel_size, **kwargs)`` with :func:`randomize_` parameters and statistics, seeded."""
+    from mrconvnext import MRConv
+
+    torch.manual_seed(seed)
+    layer = MRConv(dim, seq_len, kernel_size, **kwargs)
+    randomize_(layer)
+    return layer
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -90,3 +100,29 @@ def branch_bn_autograd(layer, x: torch.Tensor, rate: float = 1.0) -> torch.Tenso
         eps=norm.eps,
     )
     return torch.einsum("bndl,nd->bdl", normed.view_as(branches), layer.alpha.to(x.dtype))
+
+
+def grads(layer, x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of ``x`` and of ``layer``'s parameters, in the order of their names."""
+    return [x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
+
+
+def check_fused_train_step(fast, ref, seq_lens: tuple[int, ...] = (96, 70), device: str = "cpu") -> None:
+    """Training steps of ``fast`` (the fused BN form) against :func:`branch_bn_autograd` on its copy ``ref``, one
+    per length in ``seq_lens`` (running statistics accumulate; another length takes another FFT length), float64:
+    outputs, the input's and every parameter's gradient, running statistics."""
+    dim = fast.dim
+    for seq_len in seq_lens:
+        x = (torch.randn(3, dim, seq_len, dtype=torch.float64, device=device) * 2 + 0.5).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        weight = torch.randn(3, dim, seq_len, dtype=torch.float64, device=device)
+        y, y_ref = fast(x), branch_bn_autograd(ref, x_ref)
+        assert y.device == x.device
+        assert rel_err(y, y_ref) < 1e-10
+        (y * weight).sum().backward()
+        (y_ref * weight).sum().backward()
+        for g, g_ref in zip(grads(fast, x), grads(ref, x_ref), strict=True):
+            assert g_ref.abs().sum() > 0
+            assert rel_err(g, g_ref) < 1e-9
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fast.norm, name), getattr(ref.norm, name), rtol=1e-10, atol=1e-12)

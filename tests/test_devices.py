@@ -22,7 +22,7 @@ import mrconvnext  # noqa: F401  (registers the models)
 from mrconvnext import MRConv, MRConv2d, fft_conv
 from mrconvnext.layers import deploy_form
 
-from .reference import branch_bn_autograd, direct_conv, randomize_, rel_err
+from .reference import check_fused_train_step, direct_conv, random_mrconv, randomize_, rel_err
 from .test_kernel_oracles import oracle_output
 
 DEVICES = [
@@ -34,22 +34,11 @@ DIM, SEQ_LEN, KERNEL_SIZE = 5, 96, 6
 
 
 def make_layer(device, kernel_type="fourier_sparse", bidirectional=True, combine="sum", branch_norm="batch", seed=0):
-    torch.manual_seed(seed)
-    layer = MRConv(
-        DIM,
-        SEQ_LEN,
-        KERNEL_SIZE,
-        kernel_type=kernel_type,
-        bidirectional=bidirectional,
-        combine=combine,
+    layer = random_mrconv(
+        DIM, SEQ_LEN, KERNEL_SIZE, seed, kernel_type=kernel_type, bidirectional=bidirectional, combine=combine,
         branch_norm=branch_norm,
-    )
-    randomize_(layer)
+    )  # fmt: skip
     return layer.double().to(device)
-
-
-def grads(layer, x):
-    return [x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,21 +46,7 @@ def grads(layer, x):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_fused_train_step_matches_reference(device, kernel_type, bidirectional):
     fast = make_layer(device, kernel_type, bidirectional).train()
-    ref = copy.deepcopy(fast)
-    for seq_len in (SEQ_LEN, 70):  # two steps: running statistics accumulate
-        x = (torch.randn(3, DIM, seq_len, dtype=torch.float64, device=device) * 2 + 0.5).requires_grad_()
-        x_ref = x.detach().clone().requires_grad_()
-        weight = torch.randn(3, DIM, seq_len, dtype=torch.float64, device=device)
-        y, y_ref = fast(x), branch_bn_autograd(ref, x_ref)
-        assert y.device == x.device
-        assert rel_err(y, y_ref) < 1e-10
-        (y * weight).sum().backward()
-        (y_ref * weight).sum().backward()
-        for g, g_ref in zip(grads(fast, x), grads(ref, x_ref), strict=True):
-            assert g_ref.abs().sum() > 0
-            assert rel_err(g, g_ref) < 1e-9
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(fast.norm, name), getattr(ref.norm, name), rtol=1e-10, atol=1e-12)
+    check_fused_train_step(fast, copy.deepcopy(fast), (SEQ_LEN, 70), device)
     # the saved-branch workspace was measured on the CPU only; elsewhere every step allocates anew
     assert (fast.norm.workspace.storage is not None) == (torch.device(device).type == "cpu")
 

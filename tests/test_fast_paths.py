@@ -20,7 +20,15 @@ from mrconvnext.layers.fft_conv import (
     toeplitz_kernel,
 )
 
-from .reference import branch_bn_autograd, direct_conv, randomize_, rel_err
+from .reference import (
+    branch_bn_autograd,
+    check_fused_train_step,
+    direct_conv,
+    grads,
+    random_mrconv,
+    randomize_,
+    rel_err,
+)
 
 fft_conv_module = importlib.import_module("mrconvnext.layers.fft_conv")  # the package exports the function fft_conv
 
@@ -30,37 +38,18 @@ KERNEL_SIZE = 6
 
 def make_pair(kernel_type="fourier", bidirectional=True, dim=5, seed=0, **kwargs):
     """Two identical float64 layers in train mode with random parameters and running statistics."""
-    torch.manual_seed(seed)
-    layer = MRConv(dim, SEQ_LEN, KERNEL_SIZE, kernel_type=kernel_type, bidirectional=bidirectional, **kwargs)
-    randomize_(layer)
+    layer = random_mrconv(
+        dim, SEQ_LEN, KERNEL_SIZE, seed, kernel_type=kernel_type, bidirectional=bidirectional, **kwargs
+    )
     layer = layer.double().train()
     return layer, copy.deepcopy(layer)
-
-
-def grads(layer, x):
-    return [x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
 
 
 @pytest.mark.parametrize("kernel_type", ["fourier", "fourier_sparse", "dilated", "dense"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_fused_train_step_matches_reference(kernel_type, bidirectional, momentum):
-    fast, ref = make_pair(kernel_type, bidirectional, bn_momentum=momentum)
-    for step in range(2):  # two steps: running statistics accumulate
-        seq_len = SEQ_LEN if step == 0 else 70  # shorter inputs use a shorter FFT
-        x = (torch.randn(3, 5, seq_len, dtype=torch.float64) * 2 + 0.5).requires_grad_()
-        x_ref = x.detach().clone().requires_grad_()
-        weight = torch.randn(3, 5, seq_len, dtype=torch.float64)
-        y = fast(x)
-        y_ref = branch_bn_autograd(ref, x_ref)
-        assert rel_err(y, y_ref) < 1e-10
-        (y * weight).sum().backward()
-        (y_ref * weight).sum().backward()
-        for g, g_ref in zip(grads(fast, x), grads(ref, x_ref), strict=True):
-            assert g_ref.abs().sum() > 0
-            assert rel_err(g, g_ref) < 1e-9
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(fast.norm, name), getattr(ref.norm, name), rtol=1e-10, atol=1e-12)
+    check_fused_train_step(*make_pair(kernel_type, bidirectional, bn_momentum=momentum), (SEQ_LEN, 70))
 
 
 def test_fused_train_step_float32_and_no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from mrconvnext import KERNEL_TYPES, MRConv
 
-from .reference import direct_conv, randomize_, rel_err
+from .reference import direct_conv, random_mrconv, rel_err
 
 DIM = 4
 SEQ_LEN = 100  # with l_0 = 6 the last resolution (nominal 192) is cut to 100 taps
@@ -158,17 +158,10 @@ def oracle_output(layer, x, rate=1.0):
 
 
 def make_layer(kernel_type, bidirectional=True, combine="sum", branch_norm="batch", seed=0):
-    torch.manual_seed(seed)
-    layer = MRConv(
-        DIM,
-        SEQ_LEN,
-        KERNEL_SIZE,
-        kernel_type=kernel_type,
-        bidirectional=bidirectional,
-        combine=combine,
+    layer = random_mrconv(
+        DIM, SEQ_LEN, KERNEL_SIZE, seed, kernel_type=kernel_type, bidirectional=bidirectional, combine=combine,
         branch_norm=branch_norm,
-    )
-    randomize_(layer)
+    )  # fmt: skip
     return layer
 
 

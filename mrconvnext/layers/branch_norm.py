@@ -129,16 +129,16 @@ def _all_reduce(group: dist.ProcessGroup, *tensors: torch.Tensor) -> list[torch.
 
 
 def _combine(
-    branches: torch.Tensor, var: torch.Tensor, gamma, beta, alpha, eps: float, out: torch.Tensor
-) -> torch.Tensor:
-    """``sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i`` of one channel block into ``out``: ``branches``
-    ``(N, B, c, L)`` centred, ``var`` and the parameters ``(N, c)``."""
-    scale = alpha * gamma * torch.rsqrt(var + eps)  # s_i
-    shift = (alpha * beta).sum(0)  # sum_i s_i mu_i cancels against the centring
-    torch.addcmul(shift[:, None], branches[0], scale[0, :, None], out=out)
+    block: slice, branches: torch.Tensor, var: torch.Tensor, gamma, beta, alpha, eps: float, out: torch.Tensor
+) -> None:
+    """``sum_i s_i (c_i - mu_i) + sum_i alpha_i beta_i`` of the channels ``block`` into ``out`` ``(B, D, L)``:
+    ``branches`` ``(N, B, D, L)`` centred, ``var`` and the parameters ``(N, D)``."""
+    scale = alpha[:, block] * gamma[:, block] * torch.rsqrt(var[:, block] + eps)  # s_i
+    shift = (alpha[:, block] * beta[:, block]).sum(0)  # sum_i s_i mu_i cancels against the centring
+    out = out[:, block]
+    torch.addcmul(shift[:, None], branches[0, :, block], scale[0, :, None], out=out)
     for i in range(1, branches.shape[0]):
-        out.addcmul_(branches[i], scale[i, :, None])
-    return out
+        out.addcmul_(branches[i, :, block], scale[i, :, None])
 
 
 class _BranchBatchNormConv(torch.autograd.Function):
@@ -175,29 +175,13 @@ class _BranchBatchNormConv(torch.autograd.Function):
                 var[i, block] = torch.linalg.vecdot(centred, centred).sum(0)  # two-pass, stable
             if group is None:  # one pass: the block's output while its branches are in cache
                 var[:, block] /= count
-                _combine(
-                    branches[:, :, block],
-                    var[:, block],
-                    gamma[:, block],
-                    beta[:, block],
-                    alpha[:, block],
-                    eps,
-                    out=y[:, block],
-                )
+                _combine(block, branches, var, gamma, beta, alpha, eps, y)
         if group is not None:
             (var,) = _all_reduce(group, var)
             var /= count
             for start in range(0, dim, step):
                 block = slice(start, start + step)
-                _combine(
-                    branches[:, :, block],
-                    var[:, block],
-                    gamma[:, block],
-                    beta[:, block],
-                    alpha[:, block],
-                    eps,
-                    out=y[:, block],
-                )
+                _combine(block, branches, var, gamma, beta, alpha, eps, y)
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         # u, not its spectrum (twice the memory): the backward recomputes one rfft per block

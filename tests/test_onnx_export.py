@@ -280,6 +280,16 @@ def test_timm_onnx_export_with_dynamo(tmp_path, deploy):
             assert _max_rel(_ort_run(path, x), model(x)) < 1e-5
 
 
+def test_torchscript_is_refused_with_the_ways_to_export() -> None:
+    """``torch.jit.script`` (timm's ``--torchscript``) and ``torch.jit.trace`` (timm's onnx_export without dynamo)
+    stop with one error naming the exporters that take MRConv, not TorchScript's on some Python construct."""
+    model = timm.create_model("mrconvnext_atto", img_size=32).eval()
+    with pytest.raises(RuntimeError, match="cannot be scripted by TorchScript: export MRConv models with"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="cannot be traced by TorchScript: .*mrconvnext.export --format onnx"):
+        torch.jit.trace(model, torch.randn(1, 3, 32, 32))
+
+
 def test_export_cli_onnx_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--format", "onnx", "--form", "train", "--model", "mrconvnext_atto", "--checkpoint", "x.pth",

@@ -104,6 +104,15 @@ def default_strides(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def _torchscript_refused(how: str) -> str:
+    return (
+        f"MRConv's FFT convolution cannot be {how} by TorchScript: export MRConv models with "
+        "`python -m mrconvnext.export --format onnx` (or mrconvnext.utils.onnx.export_onnx), which swaps "
+        "every MRConv for its export form (LongConv), with timm's onnx_export(..., use_dynamo=True), or "
+        "with torch.export"
+    )
+
+
 @register_notrace_module  # a leaf of timm's FX traces: input checks and the form dispatch branch on shapes
 class MRConv(nn.Module):
     """Depthwise multi-resolution global convolution over ``(B, dim, L)`` sequences.
@@ -268,6 +277,11 @@ class MRConv(nn.Module):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_deploy_cache": {}}  # copies and pickles start without the cache
 
+    def __prepare_scriptable__(self) -> MRConv:
+        """``torch.jit.script`` calls this on every module before compiling any: one clear error instead of
+        TorchScript's on the first Python construct it does not take (timm's ``--torchscript``)."""
+        raise RuntimeError(_torchscript_refused("scripted"))
+
     def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ValueError(f"{type(self).__name__} expects input of shape {layout}, got shape {tuple(x.shape)}")
@@ -284,11 +298,7 @@ class MRConv(nn.Module):
     def _forward_seq(self, x: torch.Tensor, rate: float) -> torch.Tensor:
         """The one dispatch between the forms, for ``(B, dim, L)``."""
         if torch.jit.is_tracing():  # TorchScript tracing (timm's onnx_export.py without --dynamo)
-            raise RuntimeError(
-                "MRConv's FFT convolution cannot be traced by TorchScript: export MRConv models with "
-                "`python -m mrconvnext.export --format onnx` (or mrconvnext.utils.onnx.export_onnx), which swaps "
-                "every MRConv for its export form (LongConv), or with timm's onnx_export(..., use_dynamo=True)"
-            )
+            raise RuntimeError(_torchscript_refused("traced"))
         if torch.compiler.is_exporting():  # torch.export, the dynamo-based ONNX exporter
             return self._export_form(x, rate)
         if not self.deploy:

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
+from .data.images import find_image_folder
 from .models.convnext_conversion import HOLDING_KERNEL_TYPES, calibrate_batchnorm, stage_wraparound
 from .utils.checkpoint import CheckpointError, checkpoint_record, read_checkpoint, save_checkpoint_file
 from .utils.cli import HelpFormatter, out_of_range
-from .utils.evaluation import find_image_folder
 
 
 def image_batches(

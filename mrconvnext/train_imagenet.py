@@ -49,7 +49,7 @@ from timm.utils import ModelEmaV3
 import mrconvnext  # noqa: F401  (registers the MRConvNeXt models with timm)
 from mrconvnext.data import DataFormatError
 from mrconvnext.data import transforms as mrconvnext_transforms
-from mrconvnext.data.images import DEFAULT_SHUFFLE_WINDOW, create_image_dataset
+from mrconvnext.data.images import DEFAULT_SHUFFLE_WINDOW, create_image_dataset, datasets_below, has_image
 from mrconvnext.layers.mrconv import BRANCH_NORMS, MRConv
 from mrconvnext.utils.checkpoint import (
     CheckpointError,
@@ -58,7 +58,6 @@ from mrconvnext.utils.checkpoint import (
     create_model_from_checkpoint,
 )
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
-from mrconvnext.utils.evaluation import datasets_below, has_image
 from mrconvnext.utils.optim import mrconv_param_groups
 from mrconvnext.utils.training import PreflightError, TrainingRun, add_run_arguments, parse_args, run_main
 

@@ -42,17 +42,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mrconvnext.data import DataFormatError
-from mrconvnext.data.images import create_image_dataset
+from mrconvnext.data.images import ImageFolderDataset, check_num_classes, create_image_dataset, find_image_folder
 from mrconvnext.models.sequence import MRConvSequenceModel
 from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
 from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
-from mrconvnext.utils.evaluation import (
-    ImageFolderDataset,
-    MetricSums,
-    check_num_classes,
-    find_image_folder,
-    sample_metrics,
-)
+from mrconvnext.utils.evaluation import MetricSums, sample_metrics
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.training import set_default_num_threads
 

@@ -23,7 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import accuracy
 
 from mrconvnext import MRConv, validate
-from mrconvnext.utils.evaluation import MetricSums, check_num_classes, find_image_folder, sample_metrics
+from mrconvnext.data.images import check_num_classes, find_image_folder
+from mrconvnext.utils.evaluation import MetricSums, sample_metrics
 
 from .image_formats import write_formats
 from .reference import randomize_

@@ -1,4 +1,4 @@
-"""Shared pieces of the sequence-task readers: the error type, split names, text files, token padding."""
+"""Shared pieces of the readers: the error type, split names, unreadable images, text files, token padding."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+from PIL import Image
 
 SPLITS = ("train", "val", "test")
+# what PIL raises for an image it cannot decode: damaged files (OSError, some ValueErrors) and sizes over its
+# decompression-bomb limit
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 class DataFormatError(ValueError):

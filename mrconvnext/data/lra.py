@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..utils.evaluation import UNREADABLE_IMAGE
-from .common import DataFormatError, check_split, find_dir, pad_tokens, require_file, text_lines
+from .common import UNREADABLE_IMAGE, DataFormatError, check_split, find_dir, pad_tokens, require_file, text_lines
 
 __all__ = [
     "LISTOPS_VOCAB",

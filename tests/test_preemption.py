@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -143,6 +144,44 @@ def test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes(f
     assert "epoch 1: the shards' samples that the checkpoint's 2 processes had left, split over 1" in text
     assert "warning" not in text and f"epoch 1/2 update {updates}/" not in text
     assert text.count("updates/rank [4]") == 2 and (tmp_path / "single" / "checkpoints" / "epoch_0002").is_dir()
+
+
+def test_accelerate_launch_on_two_machines(formats, tmp_path) -> None:
+    """The README's several-nodes path with accelerate: on each of two "machines" (one process each, both on this
+    host) the config file that ``accelerate config`` saves for a multi-GPU cluster of two machines, then
+    ``accelerate launch --config_file ... train_imagenet.py``. Without a GPU the script joins the two as gloo CPU
+    ranks; the epoch is split over both and rank 0 writes the checkpoint."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    args = [*SMALL_ARGS, "--epochs", "1", "--dataset", "wds", "--data-dir", str(formats["wds"]), "--workers", "0"]
+    args += ["--output", str(tmp_path), "--experiment", "run"]
+    port, machines = free_port(), []
+    for rank in range(2):
+        config = ClusterConfig(
+            compute_environment="LOCAL_MACHINE", distributed_type="MULTI_GPU", mixed_precision="no", use_cpu=False,
+            debug=False, num_processes=2, num_machines=2, machine_rank=rank, main_process_ip="127.0.0.1",
+            main_process_port=port, rdzv_backend="static", same_network=True, gpu_ids="all",
+        )  # fmt: skip
+        config.to_yaml_file(tmp_path / f"machine{rank}.yaml")
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(tmp_path / f"machine{rank}.yaml"),
+        ]
+        with open(tmp_path / f"machine{rank}.log", "w") as out:
+            machines.append(
+                subprocess.Popen(
+                    [*cmd, str(ROOT / "train_imagenet.py"), *args], cwd=ROOT, env=_env(), stdout=out, stderr=out
+                )
+            )
+    codes = [machine.wait(timeout=300) for machine in machines]
+    text = "".join((tmp_path / f"machine{rank}.log").read_text() for rank in range(2))
+    assert codes == [0, 0], text[-4000:]
+    assert "updates/rank [4, 4]" in text and "[RANK 1]" not in text  # both ranks trained; rank 0 logs
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "epoch_0001" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["micro_batch"] == 4
 
 
 def _executable(path: Path, text: str) -> None:

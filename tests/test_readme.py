@@ -120,6 +120,7 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
         "tests/test_train.py::test_resume_after_kill_matches_uninterrupted",
         "tests/test_recipe.py::test_default_recipe_trains",
         "tests/test_preemption.py::test_sigterm_to_every_process_checkpoints_and_the_run_resumes_on_two_nodes",
+        "tests/test_preemption.py::test_accelerate_launch_on_two_machines",
     ),
     r"torchrun --nproc_per_node \d+ train_imagenet\.py --dataset (wds|parquet|hfds) --data-dir": (
         "tests/test_image_data.py::test_train_on_each_format_in_one_process",
@@ -130,7 +131,9 @@ COMMANDS: dict[str, str | tuple[str, ...]] = {
     r"sbatch examples/slurm/train_imagenet\.sbatch$": (
         "tests/test_preemption.py::test_slurm_script_checkpoints_on_sigusr1_requeues_and_continues",
     ),
-    r"accelerate launch --num_processes 2": "not run: documented as not starting two processes on a CPU-only machine",
+    r"accelerate launch --multi_gpu --num_processes 2$": "not run: a program named in prose, full commands above",
+    r"accelerate launch --cpu --num_processes 2": "not run: documented as not starting two processes on a CPU-only machine",
+    r"accelerate launch --config_file$": "not run: a program named in prose, full commands above",
     r"python validate\.py --data-dir /data/imagenet --checkpoint model_best\.pth": (
         "tests/test_validate.py::test_accuracy_matches_independent_evaluation",
         "tests/test_validate.py::test_reparam_gives_same_accuracy",

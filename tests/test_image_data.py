@@ -23,6 +23,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -141,6 +142,23 @@ def test_a_resume_on_another_number_of_processes_reads_the_samples_left(kind, id
             assert len(resumed) == 24 and len(set(resumed)) == 24 and set(resumed) <= set(left)
         dataset.set_epoch(2)  # the next epoch is this run's own plan again
         assert len(_batches(dataset, 2)) == 48 // (world * batch_size)
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet"])
+def test_the_epoch_order_a_checkpoint_records_changes_with_what_changes_the_samples(kind, id_shards, tmp_path) -> None:
+    """``epoch_order`` (recorded in checkpoints, compared on a mid-epoch resume) is the same for every process,
+    batch size and place of the shards, and differs with each setting that changes an epoch's samples."""
+    base = _dataset(kind, id_shards[kind], 0, 2)
+    shutil.copytree(id_shards[kind], tmp_path / "moved")
+    assert _dataset(kind, tmp_path / "moved", 1, 4, batch_size=2).epoch_order == base.epoch_order
+    for change in ({"seed": 4}, {"num_samples": 40}, {"shuffle_window": 16}):
+        other = _dataset(kind, id_shards[kind], 0, 2, **change)
+        assert other.epoch_order != base.epoch_order
+        assert not np.array_equal(other.epoch_samples(1), base.epoch_samples(1)), change
+    fewer = ShardedImageDataset(
+        _shards(kind, id_shards[kind])[1:], OPENERS[kind], pixel_id, train=True, batch_size=4, seed=3, shuffle_window=8
+    )
+    assert fewer.epoch_order["shards"] != base.epoch_order["shards"]
 
 
 @pytest.mark.parametrize("kind", ["wds", "parquet"])

@@ -330,6 +330,13 @@ def test_resume_change_names_what_moves_the_position_in_the_epoch() -> None:
     old = {"world_size": 2}  # written before checkpoints recorded their global batch
     assert resume_change(old, 2, 8, sharded=False) is None
     assert "does not record its global batch" in resume_change(old, 4, 8, sharded=False)
+    order = {"seed": 42, "samples": 32, "shuffle_window": 100, "shards": "3f2a"}
+    ordered = {**saved, "epoch_order": order}
+    assert resume_change(ordered, 1, 8, sharded=True, order=order) is None
+    assert resume_change(saved, 1, 8, sharded=True, order=order) is None  # not recorded: nothing to compare
+    assert resume_change(ordered, 2, 8, sharded=True, order={**order, "seed": 7, "shuffle_window": 50}) == (
+        "the checkpoint's epoch order had seed 42, shuffle_window 100, this run's has seed 7, shuffle_window 50"
+    )
 
 
 def test_a_meta_json_that_is_no_record_makes_its_checkpoint_unreadable(tmp_path) -> None:

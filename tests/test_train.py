@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,6 +374,26 @@ def test_nonfinite_loss_stops_the_run_before_the_update(tmp_path, fresh_accelera
         str(info.value),
     ), str(info.value)
     assert (checkpoint / "meta.json").is_file()
+
+
+def test_a_mid_epoch_resume_with_another_seed_says_the_rest_of_the_epoch_is_another_order(
+    tmp_path, fresh_accelerate_state, caplog
+):
+    """The seed (and the dataset) decide an epoch's order: resumed mid-epoch with another ``--seed``, the rest of
+    the epoch reads some samples twice and others never, and the run says so; with the same one it does not."""
+    with _toy_run(tmp_path, "--checkpoint-every", "2") as run, pytest.raises(TrainingError):
+        _toy_epoch(run, bad_call=5)
+    checkpoint = tmp_path / "toy" / "checkpoints" / "epoch_0000_update_000004"
+    assert json.loads((checkpoint / "meta.json").read_text())["epoch_order"] == {"seed": 42, "samples": 16}
+    for seed in ("42", "7"):
+        shutil.copytree(tmp_path / "toy", tmp_path / seed)
+        resumed = str(tmp_path / seed / "checkpoints" / checkpoint.name)
+        caplog.clear()
+        with _toy_run(tmp_path, "--resume", resumed, "--seed", seed) as run, caplog.at_level("INFO"):
+            _, weights = _toy_epoch(run, bad_call=0)
+        assert len(weights) == 4  # updates 5-8
+        warned = "the checkpoint's epoch order had seed 42, this run's has seed 7: the rest of epoch 1 is not exactly"
+        assert (warned in caplog.text) == (seed == "7"), caplog.text
 
 
 def test_nonfinite_loss_skips_the_update_when_asked(tmp_path, fresh_accelerate_state, caplog):

@@ -39,6 +39,7 @@ restart in the middle of an epoch.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import json
 import logging
@@ -586,6 +587,14 @@ class ShardedImageDataset(IterableDataset):
             raise ValueError("an evaluation pass is not resumed: it has no position in another run's plan")
         self.epoch, self.start_batch = epoch, batch
         self.start_plan = (world_size or self.world_size, batch_size or self.batch_size)
+
+    @property
+    def epoch_order(self) -> dict[str, Any]:
+        """What the order of an epoch's samples depends on besides the processes' plan (a checkpoint records it):
+        the seed, the samples per epoch, the shuffle window and the shards (names and sizes, as a digest)."""
+        shards = json.dumps([[os.path.basename(s.path), s.num_samples] for s in self.shards])
+        digest = hashlib.sha1(shards.encode()).hexdigest()[:12]
+        return {"seed": self.seed, "samples": self.num_samples, "shuffle_window": self.shuffle_window, "shards": digest}
 
     # plan -------------------------------------------------------------------------------------------------
 

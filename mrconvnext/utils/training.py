@@ -48,7 +48,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -352,10 +352,23 @@ def _duration(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
-def resume_change(saved: dict, world: int, global_batch: int, sharded: bool) -> str | None:
+def epoch_order(dataset: Any, seed: int) -> dict[str, Any] | None:
+    """What the order of an epoch's samples depends on, besides the epoch and the processes' plan: the dataset's
+    own ``epoch_order`` (shards: their files, seed, samples per epoch, shuffle window) or, for a map-style dataset
+    (shuffled by accelerate's seedable sampler), the sampler's seed and the dataset's size; None if unknown."""
+    own = getattr(dataset, "epoch_order", None)
+    if own is not None:
+        return dict(own)
+    return {"seed": seed, "samples": len(dataset)} if isinstance(dataset, Sized) else None
+
+
+def resume_change(
+    saved: dict, world: int, global_batch: int, sharded: bool, order: dict[str, Any] | None = None
+) -> str | None:
     """What keeps a mid-epoch resume from going on with exactly the samples the interrupted run had left, or
     None. ``saved`` is the checkpoint's ``meta.json``; this run has ``world`` processes, ``global_batch``
-    samples per update and a training set that splits itself over the processes (``sharded``) or not.
+    samples per update, a training set that splits itself over the processes (``sharded``) or not, and the
+    :func:`epoch_order` ``order``.
 
     The position in an epoch is a number of updates. A shuffled dataset's loader draws one permutation per
     epoch, the same for every number of processes (accelerate's seedable sampler), and update ``u`` takes
@@ -366,6 +379,13 @@ def resume_change(saved: dict, world: int, global_batch: int, sharded: bool) -> 
     saved_batch = saved.get("global_batch")  # not recorded: only the number of processes is known to be the same
     if saved_batch is not None and saved_batch != global_batch:
         return f"the checkpoint's updates took {saved_batch} samples, this run's take {global_batch}"
+    saved_order = saved.get("epoch_order")  # not recorded: written before checkpoints recorded it
+    if order is not None and saved_order is not None and saved_order != order:
+        keys = [key for key in {**saved_order, **order} if saved_order.get(key) != order.get(key)]
+        return (
+            f"the checkpoint's epoch order had {', '.join(f'{k} {saved_order.get(k)}' for k in keys)}, this run's "
+            f"has {', '.join(f'{k} {order.get(k)}' for k in keys)}"
+        )
     if saved_world != world and saved_batch is None:
         return (
             f"the checkpoint does not record its global batch, for {saved_world} processes in it, {world} in this run"
@@ -521,6 +541,7 @@ class TrainingRun:
         self.last_checkpoint: str | None = None  # the newest complete checkpoint of this run
         self.averaged_modules: list[nn.Module] = []  # model EMAs given to restore(): --dist-bn covers them too
         self._resume_updates, self._resume_rng = 0, None
+        self._epoch_order: dict[str, Any] | None = None  # of the training set, from train_one_epoch
         self.global_batch = 0  # samples per update over all processes, from write_config
         self._eval_seconds, self._eval_history, self._epoch_walls = 0.0, [], []
         self._epoch_start = time.perf_counter()
@@ -820,10 +841,12 @@ class TrainingRun:
         rng_states = self._resume_rng if done else None
         self._resume_updates, self._resume_rng = 0, None
         position = (done * accelerator.gradient_accumulation_steps,)  # batches of this run's processes
+        dataset = getattr(loader, "dataset", None)
+        self._epoch_order = epoch_order(dataset, args.seed)
         if done:  # a resumed epoch: whether it goes on with the samples the interrupted run had left
             saved, world = self._checkpoint_meta, accelerator.num_processes
-            sharded = getattr(getattr(loader, "dataset", None), "shards_over_processes", False)
-            change = resume_change(saved, world, self.global_batch, sharded)
+            sharded = getattr(dataset, "shards_over_processes", False)
+            change = resume_change(saved, world, self.global_batch, sharded, self._epoch_order)
             saved_plan = (saved.get("world_size", world), saved.get("micro_batch", self.micro_batch))
             if change:
                 self.log(
@@ -1032,7 +1055,7 @@ class TrainingRun:
         if accelerator.is_main_process:
             meta = {**self.resume_meta, "epoch": epoch, "epoch_updates": updates}
             meta.update(world_size=accelerator.num_processes, global_batch=self.global_batch)
-            meta.update(micro_batch=self.micro_batch, files=_folder_files(tmp))
+            meta.update(micro_batch=self.micro_batch, epoch_order=self._epoch_order, files=_folder_files(tmp))
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
             shutil.rmtree(final, ignore_errors=True)

@@ -45,7 +45,7 @@ from mrconvnext.data import DataFormatError
 from mrconvnext.data.images import ImageFolderDataset, check_num_classes, create_image_dataset, find_image_folder
 from mrconvnext.models.sequence import MRConvSequenceModel
 from mrconvnext.utils.checkpoint import CheckpointError, create_model_checked, create_model_from_checkpoint
-from mrconvnext.utils.cli import HelpFormatter, add_model_kwargs_argument, out_of_range
+from mrconvnext.utils.cli import HelpFormatter, InputError, add_model_kwargs_argument, out_of_range
 from mrconvnext.utils.evaluation import MetricSums, sample_metrics
 from mrconvnext.utils.files import atomic_path
 from mrconvnext.utils.training import set_default_num_threads
@@ -119,7 +119,7 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A problem with the user's input, reported as one message without a traceback."""
 
 

@@ -15,9 +15,10 @@ import torch
 from accelerate.state import AcceleratorState
 
 from mrconvnext import train_imagenet, validate
+from mrconvnext.data import DataFormatError
 from mrconvnext.demo import make_shapes_dataset
-from mrconvnext.utils.checkpoint import read_checkpoint
-from mrconvnext.utils.training import PreflightError
+from mrconvnext.utils.checkpoint import CheckpointError, ModelArgumentError, read_checkpoint
+from mrconvnext.utils.training import PreflightError, run_main
 
 TRAIN_ARGS = ["--model", "mrconvnext_atto", "--img-size", "32", "-b", "4", "--epochs", "1", "--workers", "0"]
 TRAIN_ARGS += ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--warmup-epochs", "0"]
@@ -211,3 +212,16 @@ def test_demo_reports_bad_flags_and_a_failed_step_in_one_line(tmp_path, capsys) 
     with pytest.raises(SystemExit) as info:
         demo.main(["--output", str(tmp_path / "out"), "--model", "mrconvnext_huge"])
     assert info.value.code == "mrconvnext.demo: error: python -m mrconvnext.train_imagenet exited with status 1"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PreflightError, DataFormatError, CheckpointError, ModelArgumentError, validate.UsageError],
+    ids=lambda error: error.__name__,
+)
+def test_a_training_script_reports_every_kind_of_bad_input_as_one_line(error, capsys) -> None:
+    def train(argv):  # a train() that meets the bad input after its own checks, e.g. in a shard mid-epoch
+        raise error("shard 'train-0003.tar' is truncated")
+
+    assert run_main(train, [], "train_imagenet.py") == 1
+    assert capsys.readouterr().err == "train_imagenet.py: error: shard 'train-0003.tar' is truncated\n"

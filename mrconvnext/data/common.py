@@ -8,13 +8,15 @@ from collections.abc import Iterator, Sequence
 import torch
 from PIL import Image
 
+from ..utils.cli import InputError
+
 SPLITS = ("train", "val", "test")
 # what PIL raises for an image it cannot decode: damaged files (OSError, some ValueErrors) and sizes over its
 # decompression-bomb limit
 UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A data file or folder is missing or does not have the layout of the public release."""
 
 

@@ -57,7 +57,7 @@ from timm.utils import reparameterize_model
 
 from ..layers.mrconv import mrconv_form
 from ..models._builder import select_state_dict
-from .cli import add_model_kwargs_argument
+from .cli import InputError, add_model_kwargs_argument
 from .files import atomic_path
 
 __all__ = [
@@ -79,11 +79,11 @@ _METADATA_KEY = "mrconvnext"  # safetensors metadata entry holding the record as
 _EXPORT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's save_for_hf writes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read, or does not fit the model asked for; the message names both."""
 
 
-class ModelArgumentError(ValueError):
+class ModelArgumentError(InputError):
     """A ``create_model`` keyword argument the model does not take; the message names it and the closest ones."""
 
 

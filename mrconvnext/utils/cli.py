@@ -1,5 +1,5 @@
-"""Command-line pieces every tool shares: the ``--help`` layout, ``--model-kwargs KEY=VALUE`` parsing and the
-ranges of numeric flags."""
+"""Command-line pieces every tool shares: the error a tool reports as one line, the ``--help`` layout,
+``--model-kwargs KEY=VALUE`` parsing and the ranges of numeric flags."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from typing import Any
 
 from timm.utils import ParseKwargs as _TimmParseKwargs
 
-__all__ = ["HelpFormatter", "ParseKwargs", "add_model_kwargs_argument", "out_of_range"]
+__all__ = ["HelpFormatter", "InputError", "ParseKwargs", "add_model_kwargs_argument", "out_of_range"]
+
+
+class InputError(ValueError):
+    """What a tool was given is wrong (a flag, a data file, a checkpoint): the message names it and what was
+    expected, and the tool prints it as one ``prog: error: ...`` line, without a traceback. The base of the
+    package's error types for bad input (``DataFormatError``, ``CheckpointError``, ``PreflightError``, ...)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -66,9 +66,8 @@ from timm.layers import convert_sync_batchnorm
 from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 
-from ..data.common import DataFormatError
 from .checkpoint import checkpoint_record, save_checkpoint_file
-from .cli import out_of_range
+from .cli import InputError, out_of_range
 from .evaluation import MetricSums, sample_metrics
 from .files import atomic_path
 
@@ -111,7 +110,7 @@ _logger = get_logger("train")
 _END = object()
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     """A configuration or data problem detected before any training step."""
 
 
@@ -206,7 +205,7 @@ def run_main(train: Callable[[Sequence[str] | None], Any], argv: Sequence[str] |
     ``prog: error: ...`` line and exit status 1; a run stopped cleanly (:class:`RunStopped`) exits with 0."""
     try:
         train(argv)
-    except (PreflightError, DataFormatError, TrainingError) as err:
+    except (InputError, TrainingError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     except RunStopped as stopped:
